@@ -1,0 +1,78 @@
+#pragma once
+// Latency harness: warm-up, N timed forward passes without autograd on a fixed number of
+// threads, reported as median and spread. Examples and benchmarks share it so their numbers
+// are measured the same way.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include <fasterai/core/concepts.hpp>
+#include <fasterai/core/error.hpp>
+
+namespace fasterai {
+
+struct LatencyOptions {
+  LatencyOptions() = default;
+  TORCH_ARG(int, warmup) = 5;   // untimed runs first (allocator, caches, lazy init)
+  TORCH_ARG(int, runs) = 50;    // timed runs
+  TORCH_ARG(int, threads) = 1;  // intra-op threads during the measurement (restored after)
+};
+
+struct LatencyStats {
+  double median_ms = 0;
+  double min_ms = 0;
+  double max_ms = 0;
+  double iqr_ms = 0;  // interquartile range: the spread that outliers do not dominate
+  int runs = 0;
+};
+
+namespace detail {
+inline double quantile_sorted(const std::vector<double>& v, double q) {
+  const double pos = q * double(v.size() - 1);
+  const auto lo = static_cast<size_t>(std::floor(pos));
+  const auto hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
+}
+}  // namespace detail
+
+// Time `model.forward(input)` in eval mode (the model's mode is restored afterwards).
+template <module Model>
+LatencyStats measure_latency(Model& model, const torch::Tensor& input,
+                             const LatencyOptions& options = {}) {
+  constexpr auto where = "fasterai::measure_latency";
+  detail::check_argument(options.warmup() >= 0, where, "warmup", options.warmup(), "a count >= 0");
+  detail::check_argument(options.runs() >= 1, where, "runs", options.runs(), "a count >= 1");
+  detail::check_argument(options.threads() >= 1, where, "threads", options.threads(),
+                         "a count >= 1");
+  auto& m = detail::impl(model);
+  const bool was_training = m.is_training();
+  const int old_threads = torch::get_num_threads();
+  torch::set_num_threads(options.threads());
+  m.eval();
+  torch::NoGradGuard no_grad;
+  std::vector<double> times;
+  times.reserve(static_cast<size_t>(options.runs()));
+  for (int i = 0; i < options.warmup() + options.runs(); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    auto out = m.forward(input);
+    const auto stop = std::chrono::steady_clock::now();
+    if (i >= options.warmup())
+      times.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
+  }
+  m.train(was_training);
+  torch::set_num_threads(old_threads);
+  std::sort(times.begin(), times.end());
+  LatencyStats s;
+  s.runs = options.runs();
+  s.median_ms = detail::quantile_sorted(times, 0.5);
+  s.min_ms = times.front();
+  s.max_ms = times.back();
+  s.iqr_ms = detail::quantile_sorted(times, 0.75) - detail::quantile_sorted(times, 0.25);
+  return s;
+}
+
+}  // namespace fasterai

@@ -1,0 +1,142 @@
+#pragma once
+// Model statistics: parameter counts (total and nonzero), per-layer and global sparsity of the
+// prunable layers, multiply-accumulate count for an input shape, and size in bytes. These are
+// the numbers the article reports at each stage of compression.
+
+#include <cstdint>
+#include <iomanip>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include <fasterai/core/concepts.hpp>
+#include <fasterai/core/error.hpp>
+#include <fasterai/core/layer_walk.hpp>
+
+namespace fasterai {
+
+// Number of parameters (trainable tensors; buffers such as running statistics are not counted,
+// as in PyTorch's `sum(p.numel() for p in model.parameters())`).
+template <module Model>
+std::int64_t count_parameters(const Model& model) {
+  std::int64_t n = 0;
+  for (const auto& p : detail::impl(model).parameters()) n += p.numel();
+  return n;
+}
+
+// Number of parameters that are not exactly zero.
+template <module Model>
+std::int64_t count_nonzero_parameters(const Model& model) {
+  torch::NoGradGuard no_grad;
+  std::int64_t n = 0;
+  for (const auto& p : detail::impl(model).parameters()) n += p.count_nonzero().template item<std::int64_t>();
+  return n;
+}
+
+// Bytes taken by the parameters and buffers (what a saved state_dict holds).
+template <module Model>
+std::int64_t model_size_bytes(const Model& model) {
+  std::int64_t bytes = 0;
+  for (const auto& p : detail::impl(model).parameters())
+    bytes += p.numel() * static_cast<std::int64_t>(p.element_size());
+  for (const auto& b : detail::impl(model).buffers())
+    bytes += b.numel() * static_cast<std::int64_t>(b.element_size());
+  return bytes;
+}
+
+struct LayerSparsity {
+  std::string name;          // state_dict prefix, e.g. "features.0"
+  LayerKind kind;
+  std::int64_t weights = 0;  // elements in the weight
+  std::int64_t zeros = 0;    // elements exactly zero
+  double percent() const { return weights == 0 ? 0.0 : 100.0 * double(zeros) / double(weights); }
+};
+
+struct SparsityReport {
+  std::vector<LayerSparsity> layers;
+  // Percent of zero weights over all reported layers.
+  double global_percent() const {
+    std::int64_t w = 0, z = 0;
+    for (const auto& l : layers) w += l.weights, z += l.zeros;
+    return w == 0 ? 0.0 : 100.0 * double(z) / double(w);
+  }
+};
+
+// Sparsity of the weight of every prunable layer (Conv2d, Linear) in forward order.
+template <sequential_like Model>
+SparsityReport sparsity_report(const Model& model) {
+  torch::NoGradGuard no_grad;
+  SparsityReport report;
+  for (const Layer& layer : prunable_layers(model)) {
+    const auto& w = layer.weight();
+    const std::int64_t nonzero = w.count_nonzero().template item<std::int64_t>();
+    report.layers.push_back(LayerSparsity{layer.name, layer.kind, w.numel(), w.numel() - nonzero});
+  }
+  return report;
+}
+
+// Print a report in the article's style ("Sparsity in Conv2d features.0: 39.06%").
+inline std::ostream& operator<<(std::ostream& os, const SparsityReport& report) {
+  const auto flags = os.flags();
+  const auto precision = os.precision();
+  os << std::fixed << std::setprecision(2);
+  for (const auto& l : report.layers)
+    os << "Sparsity in " << to_string(l.kind) << ' ' << l.name << ": " << l.percent() << "%\n";
+  os.flags(flags);
+  os.precision(precision);
+  return os;
+}
+
+struct LayerMacs {
+  std::string name;
+  LayerKind kind;
+  std::int64_t macs = 0;
+};
+
+struct MacReport {
+  std::vector<LayerMacs> layers;
+  std::int64_t total() const {
+    std::int64_t t = 0;
+    for (const auto& l : layers) t += l.macs;
+    return t;
+  }
+};
+
+// Multiply-accumulates of one forward pass of a single sample of `input_shape` (without the
+// batch dimension, e.g. {3, 224, 224}) through the convolutions and linear layers of `model`.
+// The shapes are found by running the chain once on zeros, so any layer that LibTorch can run
+// is accepted in between.
+template <sequential_like Model>
+MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) {
+  detail::check_argument(!input_shape.empty(), "fasterai::count_macs", "input_shape", "{}",
+                         "the shape of one sample without the batch dimension, e.g. {3, 224, 224}");
+  for (auto d : input_shape)
+    detail::check_argument(d > 0, "fasterai::count_macs", "input_shape", c10::IntArrayRef(input_shape),
+                           "positive dimensions");
+  torch::NoGradGuard no_grad;
+  MacReport report;
+  input_shape.insert(input_shape.begin(), 1);
+  const auto& any_param = detail::impl(model).parameters();
+  auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  if (!any_param.empty()) options = options.device(any_param.front().device());
+  torch::Tensor x = torch::zeros(input_shape, options);
+  for (const Layer& layer : layers(model)) {
+    // Layers run in eval mode so that BatchNorm accepts a batch of one; modes are restored.
+    const bool was_training = layer.module.ptr()->is_training();
+    layer.module.ptr()->eval();
+    torch::Tensor y = layer.forward(x);
+    layer.module.ptr()->train(was_training);
+    if (auto* conv = layer.as<torch::nn::Conv2dImpl>()) {
+      const auto& w = conv->weight;  // [out, in/groups, kh, kw]
+      report.layers.push_back({layer.name, layer.kind, y.numel() * w.size(1) * w.size(2) * w.size(3)});
+    } else if (auto* lin = layer.as<torch::nn::LinearImpl>()) {
+      report.layers.push_back({layer.name, layer.kind, y.numel() * lin->weight.size(1)});
+    }
+    x = y;
+  }
+  return report;
+}
+
+}  // namespace fasterai
