@@ -46,12 +46,13 @@ class file_error : public argument_error {
 // Read an IDX file, plain or gzip-compressed, into one contiguous CPU tensor whose shape is
 // the file's dimensions and whose dtype is the file's element type (uint8, int8, int16,
 // int32, float32, float64).
-torch::Tensor read_idx(const std::filesystem::path& path);
+inline torch::Tensor read_idx(const std::filesystem::path& path);
 
 // Write `values` (a CPU tensor of one of the IDX element types, 1 to 255 dimensions) as an
 // IDX file, gzip-compressed when `gzip` is true. The counterpart of read_idx, for tools and
 // tests.
-void write_idx(const std::filesystem::path& path, const torch::Tensor& values, bool gzip = false);
+inline void write_idx(const std::filesystem::path& path, const torch::Tensor& values,
+                      bool gzip = false);
 
 namespace detail {
 

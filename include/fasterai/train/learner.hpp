@@ -1,0 +1,655 @@
+#pragma once
+// fasterai::Learner: fastai's Learner for LibTorch — a model, its training and validation
+// batches, a loss, an optimizer and metrics, trained by `fit` (constant learning rate) or
+// `fit_one_cycle`, with callbacks joining the loop at fastai's points. After each epoch it
+// prints a row of the table the article shows:
+//
+//   epoch  train_loss  valid_loss  accuracy  time
+//   0      0.412108    0.348871    0.873100  00:52
+//
+//   auto model = fasterai::models::compact_vgg();
+//   fasterai::Learner learn(model,
+//       data::make_batches(data::FashionMNIST(data::Split::Train), data::LoaderOptions(128).shuffle(true)),
+//       data::make_batches(data::FashionMNIST(data::Split::Test), 512),
+//       fasterai::LearnerOptions().seed(42).csv_log("train.csv"));
+//   learn.fit_one_cycle(3, 3e-3);
+//   learn.fit(2, 1e-4, {kd, sparsify});        // callbacks for this fit only
+//   auto result = learn.validate();            // result.loss, result.metric("accuracy")
+//
+// The loop is the plain LibTorch loop (forward, loss, backward, step, zero_grad) with the
+// hooks in between, so its cost per batch is that of a hand-written loop; the per-batch
+// extras are a loss.item() for the smoothed loss and a clock read for the progress display.
+// `train_loss` is fastai's smoothed loss (an exponential moving average, β = 0.98, debiased);
+// `valid_loss` and the metrics are means over the validation examples.
+//
+// During an epoch a progress bar is drawn when the output is a terminal, and a few plain lines
+// are written otherwise (logs, pipes); LearnerOptions::progress overrides the choice. If a
+// callback, the model or the loss throws, the Learner zeroes the gradients, puts the model
+// back in the mode it had before fit and rethrows — a callback's failure as a callback_error
+// naming the callback and the hook — so the model can be trained or evaluated again.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <iomanip>
+#include <iostream>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+
+#include <torch/torch.h>
+
+#include <fasterai/core/concepts.hpp>
+#include <fasterai/core/error.hpp>
+#include <fasterai/data/batches.hpp>
+#include <fasterai/train/callback.hpp>
+#include <fasterai/train/one_cycle.hpp>
+
+namespace fasterai {
+
+// Loss of a batch: prediction and targets in, a scalar tensor out.
+using LossFunction = std::function<torch::Tensor(const torch::Tensor& pred, const torch::Tensor& target)>;
+
+// A metric: the mean of a per-example quantity over a batch, averaged over the validation set
+// weighted by batch size.
+struct Metric {
+  std::string name;
+  std::function<torch::Tensor(const torch::Tensor& pred, const torch::Tensor& target)> fn;
+};
+
+// Fraction of examples whose highest-scoring class is the target.
+inline Metric accuracy();
+
+// A model the Learner can train: a module (or its holder) with forward(Tensor) -> Tensor.
+template <class M>
+concept trainable_module = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
+  { m.forward(x) } -> std::convertible_to<torch::Tensor>;
+};
+
+enum class OptimizerKind {
+  Adam,   // β = (momentum, 0.99), ε = 1e-5, as fastai
+  AdamW,  // Adam with decoupled weight decay
+  SGD,    // with `momentum`
+};
+
+enum class Progress {
+  Auto,   // a bar on a terminal, plain lines otherwise
+  Bar,    // a bar redrawn in place (\r)
+  Lines,  // a line at each quarter of an epoch
+  None,   // only the table
+};
+
+using OptimizerFactory =
+    std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor> parameters)>;
+
+struct LearnerOptions {
+  LearnerOptions() = default;
+  TORCH_ARG(LossFunction, loss) = [](const torch::Tensor& pred, const torch::Tensor& target) {
+    return torch::nn::functional::cross_entropy(pred, target);
+  };
+  TORCH_ARG(std::vector<Metric>, metrics) = std::vector<Metric>{accuracy()};
+  TORCH_ARG(OptimizerKind, optimizer) = OptimizerKind::Adam;
+  // Any other optimizer; it replaces `optimizer`. One-cycle sets the learning rate of its
+  // groups and the momentum of SGD, RMSprop, Adam and AdamW.
+  TORCH_ARG(OptimizerFactory, optimizer_factory) = nullptr;
+  TORCH_ARG(double, momentum) = 0.9;      // SGD momentum, Adam β1, outside one-cycle
+  TORCH_ARG(double, weight_decay) = 0.0;
+  TORCH_ARG(torch::Device, device) = torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
+  // Seeds LibTorch's generators at the start of every fit (shuffling, dropout) so that a fit
+  // repeats exactly; seed before creating the model too for identical initial weights.
+  TORCH_ARG(std::optional<std::uint64_t>, seed);
+  // Also write each epoch's row to this CSV file: created by the first fit, appended by later
+  // ones. Empty: no log.
+  TORCH_ARG(std::string, csv_log);
+  TORCH_ARG(detail::ostream_ptr, out) = &std::cout;  // table, progress and callback reports; nullptr: silent
+  TORCH_ARG(Progress, progress) = Progress::Auto;
+};
+
+// One row of the table.
+struct EpochRecord {
+  int epoch = 0;
+  double train_loss = 0;  // smoothed, as fastai
+  double valid_loss = std::numeric_limits<double>::quiet_NaN();  // NaN without validation data
+  std::vector<double> metrics;                                     // in LearnerOptions order
+  double seconds = 0;
+};
+
+struct ValidationResult {
+  double loss = std::numeric_limits<double>::quiet_NaN();
+  std::vector<std::pair<std::string, double>> metrics;
+  std::int64_t examples = 0;
+  // The value of the metric called `name`.
+  double metric(const std::string& name) const;
+};
+
+class Learner {
+ public:
+  template <trainable_module Model>
+  Learner(Model model, data::Batches train, data::Batches valid = {}, LearnerOptions options = {});
+
+  // Train for `epochs` at a constant learning rate. `callbacks` join this fit only, after the
+  // Learner's own (add_callback). Returns this fit's rows.
+  std::vector<EpochRecord> fit(int epochs, double lr, std::vector<CallbackRef> callbacks = {});
+  // Train for `epochs` under the one-cycle policy peaking at `max_lr`.
+  std::vector<EpochRecord> fit_one_cycle(int epochs, double max_lr,
+                                         std::vector<CallbackRef> callbacks = {},
+                                         const OneCycleOptions& one_cycle = {});
+  // Loss and metrics over the validation batches (or `data`), in eval mode without autograd.
+  // The Learner's callbacks see these batches as in a fit's validation phase.
+  ValidationResult validate();
+  ValidationResult validate(const data::Batches& data);
+
+  // A callback for every later fit and validate.
+  void add_callback(CallbackRef callback) { callbacks_.add(std::move(callback)); }
+  bool remove_callback(const Callback& callback) { return callbacks_.remove(callback); }
+
+  torch::nn::Module& model() noexcept { return *module_; }
+  torch::Tensor forward(const torch::Tensor& x) { return forward_(x); }
+  torch::optim::Optimizer& optimizer() noexcept { return *optimizer_; }
+  const LearnerOptions& options() const noexcept { return options_; }
+  const data::Batches& train_data() const noexcept { return train_; }
+  const data::Batches& valid_data() const noexcept { return valid_; }
+  // Every epoch of every fit so far.
+  const std::vector<EpochRecord>& history() const noexcept { return history_; }
+  // Where training stands (what callbacks see).
+  const TrainingState& state() const noexcept { return state_; }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  std::function<torch::Tensor(const torch::Tensor&)> forward_;
+  data::Batches train_;
+  data::Batches valid_;
+  LearnerOptions options_;
+  std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  CallbackList callbacks_;
+  TrainingState state_;
+  std::vector<EpochRecord> history_;
+  bool csv_started_ = false;
+
+  using Hyper = std::function<void(double pct_train)>;
+  void check_fit(const char* where, int epochs, double lr, const char* lr_name) const;
+  std::vector<EpochRecord> run_fit(int epochs, const Hyper& schedule, std::vector<CallbackRef> extra);
+  void train_batch(const torch::data::Example<>& batch, CallbackList& callbacks, const Hyper& schedule);
+  ValidationResult run_validation(const data::Batches& data, CallbackList& callbacks,
+                                  const std::function<void()>& tick);
+  void recover(bool was_training) noexcept;
+  void clear_batch() noexcept;
+};
+
+namespace detail {
+
+inline std::unique_ptr<torch::optim::Optimizer> make_optimizer(const LearnerOptions& o,
+                                                               std::vector<torch::Tensor> params) {
+  namespace optim = torch::optim;
+  if (o.optimizer_factory()) return o.optimizer_factory()(std::move(params));
+  switch (o.optimizer()) {
+    case OptimizerKind::AdamW:
+      return std::make_unique<optim::AdamW>(
+          std::move(params), optim::AdamWOptions(1e-3)
+                                 .betas(std::make_tuple(o.momentum(), 0.99))
+                                 .eps(1e-5)
+                                 .weight_decay(o.weight_decay()));
+    case OptimizerKind::SGD:
+      return std::make_unique<optim::SGD>(
+          std::move(params),
+          optim::SGDOptions(1e-3).momentum(o.momentum()).weight_decay(o.weight_decay()));
+    case OptimizerKind::Adam:
+    default:
+      return std::make_unique<optim::Adam>(std::move(params),
+                                           optim::AdamOptions(1e-3)
+                                               .betas(std::make_tuple(o.momentum(), 0.99))
+                                               .eps(1e-5)
+                                               .weight_decay(o.weight_decay()));
+  }
+}
+
+// Momentum of each parameter group (nullopt where the optimizer has none), to put back after
+// one-cycle has cycled it.
+inline std::vector<std::optional<double>> momenta(torch::optim::Optimizer& optimizer) {
+  std::vector<std::optional<double>> out;
+  for (auto& group : optimizer.param_groups()) {
+    auto& o = group.options();
+    if (auto* a = dynamic_cast<torch::optim::AdamOptions*>(&o)) out.emplace_back(std::get<0>(a->betas()));
+    else if (auto* w = dynamic_cast<torch::optim::AdamWOptions*>(&o)) out.emplace_back(std::get<0>(w->betas()));
+    else if (auto* s = dynamic_cast<torch::optim::SGDOptions*>(&o)) out.emplace_back(s->momentum());
+    else if (auto* r = dynamic_cast<torch::optim::RMSpropOptions*>(&o)) out.emplace_back(r->momentum());
+    else out.emplace_back();
+  }
+  return out;
+}
+
+inline void restore_momenta(torch::optim::Optimizer& optimizer,
+                            const std::vector<std::optional<double>>& saved) {
+  auto& groups = optimizer.param_groups();
+  for (size_t i = 0; i < groups.size() && i < saved.size(); ++i) {
+    if (!saved[i]) continue;
+    auto& o = groups[i].options();
+    if (auto* a = dynamic_cast<torch::optim::AdamOptions*>(&o)) a->betas(std::make_tuple(*saved[i], std::get<1>(a->betas())));
+    else if (auto* w = dynamic_cast<torch::optim::AdamWOptions*>(&o)) w->betas(std::make_tuple(*saved[i], std::get<1>(w->betas())));
+    else if (auto* s = dynamic_cast<torch::optim::SGDOptions*>(&o)) s->momentum(*saved[i]);
+    else if (auto* r = dynamic_cast<torch::optim::RMSpropOptions*>(&o)) r->momentum(*saved[i]);
+  }
+}
+
+// fastai's smoothed loss: an exponential moving average, debiased for its first steps.
+struct SmoothLoss {
+  double beta = 0.98;
+  double value_ = 0;
+  std::int64_t count = 0;
+  void add(double x) {
+    ++count;
+    value_ = beta * value_ + (1 - beta) * x;
+  }
+  double value() const {
+    return count == 0 ? std::numeric_limits<double>::quiet_NaN()
+                      : value_ / (1 - std::pow(beta, static_cast<double>(count)));
+  }
+};
+
+inline std::string format_time(double seconds) {
+  const auto total = static_cast<std::int64_t>(std::llround(std::max(0.0, seconds)));
+  std::ostringstream os;
+  os << std::setfill('0');
+  if (total >= 3600) os << total / 3600 << ':' << std::setw(2) << (total / 60) % 60;
+  else os << std::setw(2) << total / 60;
+  os << ':' << std::setw(2) << total % 60;
+  return os.str();
+}
+
+inline bool is_terminal(const std::ostream* out) {
+#if __has_include(<unistd.h>)
+  if (out == &std::cout) return ::isatty(STDOUT_FILENO) != 0;
+  if (out == &std::cerr || out == &std::clog) return ::isatty(STDERR_FILENO) != 0;
+#endif
+  (void)out;
+  return false;
+}
+
+// The table, the progress display and the CSV log of one fit.
+class Reporter {
+ public:
+  Reporter(const LearnerOptions& options, bool csv_fresh)
+      : out_(options.out()), mode_(resolve(options.progress(), options.out())) {
+    columns_ = {"epoch", "train_loss", "valid_loss"};
+    for (const auto& m : options.metrics()) columns_.push_back(m.name);
+    columns_.push_back("time");
+    if (!options.csv_log().empty()) {
+      csv_.open(options.csv_log(), csv_fresh ? std::ios::trunc : std::ios::app);
+      if (!csv_)
+        throw_argument_error("fasterai::Learner", "csv_log", options.csv_log(),
+                             "a path where a CSV file can be written");
+      if (csv_fresh) {
+        for (size_t i = 0; i < columns_.size(); ++i) csv_ << (i ? "," : "") << columns_[i];
+        csv_ << '\n';
+        csv_.flush();
+      }
+    }
+  }
+
+  void header() {
+    if (!out_) return;
+    for (size_t i = 0; i < columns_.size(); ++i)
+      *out_ << columns_[i] << (i + 1 < columns_.size() ? "  " : "\n");
+    out_->flush();
+  }
+
+  void row(const EpochRecord& r) {
+    end_bar();
+    std::vector<std::string> cells{std::to_string(r.epoch), number(r.train_loss),
+                                   number(r.valid_loss)};
+    for (double m : r.metrics) cells.push_back(number(m));
+    cells.push_back(format_time(r.seconds));
+    if (out_) {
+      for (size_t i = 0; i < cells.size(); ++i) {
+        const size_t width = std::max(columns_[i].size(), cells[i].size());
+        *out_ << std::left << std::setw(static_cast<int>(width)) << cells[i] << std::right
+              << (i + 1 < cells.size() ? "  " : "\n");
+      }
+      out_->flush();
+    }
+    if (csv_.is_open()) {
+      csv_ << r.epoch << ',' << number(r.train_loss) << ',' << number(r.valid_loss);
+      for (double m : r.metrics) csv_ << ',' << number(m);
+      csv_ << ',' << std::fixed << std::setprecision(3) << r.seconds << '\n';
+      csv_.flush();
+    }
+  }
+
+  // Progress within a phase; `done` of `total` batches, `loss` the smoothed loss so far.
+  void progress(const char* phase, int epoch, int epochs, std::int64_t done, std::int64_t total,
+                double loss, double elapsed) {
+    if (!out_ || mode_ == Progress::None || total <= 0) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (mode_ == Progress::Bar) {
+      // Redraw at most ten times a second, and at the end.
+      if (done < total && drawn_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
+      last_draw_ = now;
+      drawn_ = true;
+      constexpr int width = 30;
+      const auto filled = static_cast<int>(width * done / total);
+      std::ostringstream line;
+      line << "\repoch " << epoch << '/' << epochs << ' ' << phase << " |";
+      for (int i = 0; i < width; ++i) line << (i < filled ? "\u2588" : "-");
+      line << "| " << done << '/' << total << ' ' << format_time(elapsed) << '<'
+           << format_time(done > 0 ? elapsed * double(total - done) / double(done) : 0.0);
+      if (!std::isnan(loss)) line << ' ' << std::fixed << std::setprecision(4) << loss;
+      line << "\033[K";  // clear what a longer, earlier line left
+      *out_ << line.str() << std::flush;
+    } else if (mode_ == Progress::Lines && std::string_view(phase) == "train") {
+      // Quarters of the epoch, the last quarter being the table row.
+      const std::int64_t quarter = done * 4 / total;
+      if (quarter <= last_quarter_ || done == total) return;
+      last_quarter_ = quarter;
+      *out_ << "epoch " << epoch << " train " << done << '/' << total << " batches, loss "
+            << std::fixed << std::setprecision(4) << loss << std::defaultfloat << ", "
+            << format_time(elapsed) << " elapsed, ~"
+            << format_time(elapsed * double(total - done) / double(done)) << " left\n"
+            << std::flush;
+    }
+  }
+
+  void new_epoch() { last_quarter_ = 0; }
+
+  // End a bar that is being redrawn, so that what follows starts on its own line.
+  void end_bar() {
+    if (drawn_ && out_) *out_ << "\r\033[K" << std::flush;
+    drawn_ = false;
+  }
+
+ private:
+  std::ostream* out_;
+  Progress mode_;
+  std::vector<std::string> columns_;
+  std::ofstream csv_;
+  bool drawn_ = false;
+  std::chrono::steady_clock::time_point last_draw_{};
+  std::int64_t last_quarter_ = 0;
+
+  static Progress resolve(Progress p, const std::ostream* out) {
+    if (p != Progress::Auto) return p;
+    return is_terminal(out) ? Progress::Bar : Progress::Lines;
+  }
+  static std::string number(double v) {
+    if (std::isnan(v)) return "nan";
+    std::ostringstream os;
+    os << std::fixed << std::setprecision(6) << v;
+    return os.str();
+  }
+};
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace detail
+
+inline Metric accuracy() {
+  return {"accuracy", [](const torch::Tensor& pred, const torch::Tensor& target) {
+            return pred.argmax(-1).eq(target).to(torch::kFloat).mean();
+          }};
+}
+
+inline double ValidationResult::metric(const std::string& name) const {
+  for (const auto& [n, v] : metrics)
+    if (n == name) return v;
+  std::string known;
+  for (const auto& m : metrics) known += (known.empty() ? "" : ", ") + m.first;
+  detail::throw_argument_error("fasterai::ValidationResult::metric", "name", name,
+                               "one of the Learner's metrics: " + (known.empty() ? "(none)" : known));
+}
+
+template <trainable_module Model>
+Learner::Learner(Model model, data::Batches train, data::Batches valid, LearnerOptions options)
+    : train_(std::move(train)), valid_(std::move(valid)), options_(std::move(options)) {
+  constexpr auto where = "fasterai::Learner";
+  using detail::check_argument;
+  check_argument(static_cast<bool>(options_.loss()), where, "loss", "an empty function",
+                 "a loss function (pred, target) -> scalar tensor");
+  for (const auto& m : options_.metrics())
+    check_argument(!m.name.empty() && static_cast<bool>(m.fn), where, "metrics",
+                   m.name.empty() ? "a metric without a name" : m.name,
+                   "metrics with a name and a function");
+  check_argument(options_.momentum() >= 0 && options_.momentum() < 1, where, "momentum",
+                 options_.momentum(), "a momentum in [0, 1)");
+  check_argument(std::isfinite(options_.weight_decay()) && options_.weight_decay() >= 0, where,
+                 "weight_decay", options_.weight_decay(), "a finite value >= 0");
+  if (options_.device().is_cuda())
+    check_argument(torch::cuda::is_available(), where, "device", options_.device(),
+                   "a device LibTorch can use (CUDA is not available)");
+
+  if constexpr (requires { typename std::remove_cvref_t<Model>::ContainedType; }) {
+    auto impl = model.ptr();
+    module_ = impl;
+    forward_ = [impl](const torch::Tensor& x) -> torch::Tensor { return impl->forward(x); };
+  } else {
+    static_assert(sizeof(Model) == 0,
+                  "fasterai::Learner takes a module holder (torch::nn::Sequential, a "
+                  "TORCH_MODULE type); wrap an implementation with std::make_shared and its holder");
+  }
+  module_->to(options_.device());
+  optimizer_ = detail::make_optimizer(options_, module_->parameters());
+  state_.model = module_.get();
+  state_.optimizer = optimizer_.get();
+  state_.out = options_.out();
+  state_.n_iter = static_cast<std::int64_t>(train_.size());
+}
+
+inline void Learner::check_fit(const char* where, int epochs, double lr, const char* lr_name) const {
+  using detail::check_argument;
+  check_argument(epochs >= 1, where, "epochs", epochs, "a count >= 1");
+  check_argument(std::isfinite(lr) && lr > 0, where, lr_name, lr, "a positive, finite learning rate");
+  check_argument(!train_.empty(), where, "train", "no batches", "training data with at least one batch");
+}
+
+inline std::vector<EpochRecord> Learner::fit(int epochs, double lr, std::vector<CallbackRef> callbacks) {
+  check_fit("fasterai::Learner::fit", epochs, lr, "lr");
+  set_learning_rate(*optimizer_, lr);
+  return run_fit(epochs, nullptr, std::move(callbacks));
+}
+
+inline std::vector<EpochRecord> Learner::fit_one_cycle(int epochs, double max_lr,
+                                                       std::vector<CallbackRef> callbacks,
+                                                       const OneCycleOptions& one_cycle) {
+  check_fit("fasterai::Learner::fit_one_cycle", epochs, max_lr, "max_lr");
+  const OneCycle schedule(max_lr, one_cycle);
+  const auto saved = detail::momenta(*optimizer_);
+  const bool cycle = one_cycle.cycle_momentum();
+  auto apply = [this, schedule, cycle](double pct) {
+    set_learning_rate(*optimizer_, schedule.lr(pct));
+    if (cycle) set_momentum(*optimizer_, schedule.momentum(pct));
+  };
+  try {
+    auto records = run_fit(epochs, apply, std::move(callbacks));
+    detail::restore_momenta(*optimizer_, saved);
+    return records;
+  } catch (...) {
+    detail::restore_momenta(*optimizer_, saved);
+    throw;
+  }
+}
+
+inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedule,
+                                                 std::vector<CallbackRef> extra) {
+  CallbackList callbacks(callbacks_.callbacks());
+  for (auto& cb : extra) callbacks.add(std::move(cb));
+  detail::Reporter report(options_, !csv_started_);
+  csv_started_ = true;
+  if (options_.seed()) torch::manual_seed(*options_.seed());
+
+  auto& s = state_;
+  s = TrainingState{};
+  s.model = module_.get();
+  s.optimizer = optimizer_.get();
+  s.out = options_.out();
+  s.n_epochs = epochs;
+  s.n_iter = static_cast<std::int64_t>(train_.size());
+
+  const bool was_training = module_->is_training();
+  std::vector<EpochRecord> records;
+  try {
+    callbacks.before_fit(s);
+    report.header();
+    detail::SmoothLoss smooth;
+    for (int epoch = 0; epoch < epochs; ++epoch) {
+      const auto start = std::chrono::steady_clock::now();
+      s.epoch = epoch;
+      s.iter = 0;
+      s.training = true;
+      module_->train();
+      report.new_epoch();
+      callbacks.before_epoch(s);
+      train_.for_each([&](const torch::data::Example<>& batch) {
+        train_batch(batch, callbacks, schedule);
+        smooth.add(s.loss.item<double>());
+        callbacks.after_batch(s);
+        clear_batch();
+        ++s.iter;
+        ++s.train_iter;
+        report.progress("train", epoch, epochs, s.iter, s.n_iter, smooth.value(),
+                        detail::seconds_since(start));
+      });
+
+      EpochRecord record;
+      record.epoch = epoch;
+      record.train_loss = smooth.value();
+      if (!valid_.empty()) {
+        const auto valid_start = std::chrono::steady_clock::now();
+        const auto total = static_cast<std::int64_t>(valid_.size());
+        auto result = run_validation(valid_, callbacks, [&] {
+          report.progress("valid", epoch, epochs, s.iter, total,
+                          std::numeric_limits<double>::quiet_NaN(),
+                          detail::seconds_since(valid_start));
+        });
+        record.valid_loss = result.loss;
+        for (const auto& m : result.metrics) record.metrics.push_back(m.second);
+      } else {
+        record.metrics.assign(options_.metrics().size(), std::numeric_limits<double>::quiet_NaN());
+      }
+      s.training = true;
+      record.seconds = detail::seconds_since(start);
+      report.row(record);
+      records.push_back(record);
+      history_.push_back(record);
+      callbacks.after_epoch(s);
+    }
+    callbacks.after_fit(s);
+  } catch (...) {
+    report.end_bar();
+    recover(was_training);
+    throw;
+  }
+  module_->train(was_training);
+  return records;
+}
+
+inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackList& callbacks,
+                                 const Hyper& schedule) {
+  auto& s = state_;
+  if (schedule) schedule(s.pct_train());
+  s.x = batch.data.to(options_.device());
+  s.y = batch.target.to(options_.device());
+  callbacks.before_batch(s);
+  s.pred = forward_(s.x);
+  callbacks.after_pred(s);
+  s.loss = options_.loss()(s.pred, s.y);
+  callbacks.after_loss(s);
+  if (!s.loss.defined() || s.loss.numel() != 1)
+    detail::throw_argument_error("fasterai::Learner", "loss",
+                                 s.loss.defined() ? s.loss.sizes() : c10::IntArrayRef{},
+                                 "a loss function (or callback) that returns a scalar");
+  s.loss.backward();
+  callbacks.before_step(s);
+  optimizer_->step();
+  callbacks.after_step(s);
+  optimizer_->zero_grad();
+}
+
+inline ValidationResult Learner::validate() { return validate(valid_); }
+
+inline ValidationResult Learner::validate(const data::Batches& data) {
+  const bool was_training = module_->is_training();
+  const bool was_in_training_phase = state_.training;
+  try {
+    auto result = run_validation(data, callbacks_, nullptr);
+    module_->train(was_training);
+    state_.training = was_in_training_phase;
+    return result;
+  } catch (...) {
+    recover(was_training);
+    throw;
+  }
+}
+
+inline ValidationResult Learner::run_validation(const data::Batches& data, CallbackList& callbacks,
+                                                const std::function<void()>& tick) {
+  torch::NoGradGuard no_grad;
+  module_->eval();
+  auto& s = state_;
+  s.training = false;
+  s.iter = 0;
+  const auto& metrics = options_.metrics();
+  double loss_sum = 0;
+  std::vector<double> metric_sums(metrics.size(), 0.0);
+  std::int64_t count = 0;
+  data.for_each([&](const torch::data::Example<>& batch) {
+    s.x = batch.data.to(options_.device());
+    s.y = batch.target.to(options_.device());
+    callbacks.before_batch(s);
+    s.pred = forward_(s.x);
+    callbacks.after_pred(s);
+    s.loss = options_.loss()(s.pred, s.y);
+    callbacks.after_loss(s);
+    const std::int64_t n = s.x.dim() > 0 ? s.x.size(0) : 1;
+    loss_sum += s.loss.item<double>() * double(n);
+    for (size_t i = 0; i < metrics.size(); ++i)
+      metric_sums[i] += metrics[i].fn(s.pred, s.y).item<double>() * double(n);
+    count += n;
+    callbacks.after_batch(s);
+    clear_batch();
+    ++s.iter;
+    if (tick) tick();
+  });
+  ValidationResult result;
+  result.examples = count;
+  if (count > 0) result.loss = loss_sum / double(count);
+  for (size_t i = 0; i < metrics.size(); ++i)
+    result.metrics.emplace_back(metrics[i].name, count > 0 ? metric_sums[i] / double(count)
+                                                           : std::numeric_limits<double>::quiet_NaN());
+  return result;
+}
+
+inline void Learner::clear_batch() noexcept {
+  // Drop the batch and the autograd graph hanging off the prediction and the loss.
+  state_.x = torch::Tensor();
+  state_.y = torch::Tensor();
+  state_.pred = torch::Tensor();
+  state_.loss = torch::Tensor();
+}
+
+inline void Learner::recover(bool was_training) noexcept {
+  clear_batch();
+  state_.training = true;
+  try {
+    optimizer_->zero_grad();
+  } catch (...) {
+  }
+  try {
+    module_->train(was_training);
+  } catch (...) {
+  }
+}
+
+}  // namespace fasterai
