@@ -4,14 +4,15 @@
 // A global threshold over a whole network means selecting among up to ~10^8 values: sorting
 // them (or torch.kthvalue) takes seconds and torch.quantile refuses more than 16M elements.
 // Floats map to unsigned integers in the same order, so the k-th smallest is found with two
-// histogram passes (radix select on the high then the low 16 bits): linear time, no copy, no
-// size limit. Ties at the threshold are broken deterministically by position (tensor order,
-// then flat index), so exactly k values are selected.
+// histogram passes (radix select on the high, then the low 16 bits): linear time, no copy, no
+// size limit, and the histograms also tell how many values lie below the threshold and how
+// many tie with it. Ties at the threshold are broken deterministically by position (tensor
+// order, then flat index), so exactly k values are selected.
 
-#include <array>
+#include <algorithm>
 #include <bit>
 #include <cstdint>
-#include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -31,32 +32,43 @@ inline float from_ordered_bits(std::uint32_t key) {
 
 using Histogram = std::vector<std::int64_t>;
 
-// Histogram of 16 bits of the keys (high half, or low half of keys whose high half is `high`).
-inline Histogram histogram16(const std::vector<torch::Tensor>& scores, bool low_half,
-                             std::uint32_t high) {
-  Histogram total(1 << 16, 0);
-  for (const auto& t : scores) {
-    const float* data = t.data_ptr<float>();
-    const std::int64_t n = t.numel();
-    const int chunks = std::max(1, std::min<int>(at::get_num_threads(), int(n / (1 << 20)) + 1));
-    std::vector<Histogram> partial(static_cast<size_t>(chunks), Histogram(1 << 16, 0));
+// Runs f(data, begin, end) over chunks of every tensor in parallel, then reduces the
+// per-chunk results in order. Chunks are large enough to amortize the thread hand-off.
+template <class PerChunk>
+void for_each_chunk(const std::vector<torch::Tensor>& values, PerChunk&& f) {
+  constexpr std::int64_t grain = 1 << 18;
+  for (size_t t = 0; t < values.size(); ++t) {
+    const float* data = values[t].data_ptr<float>();
+    const std::int64_t n = values[t].numel();
+    const std::int64_t chunks = (n + grain - 1) / grain;
     at::parallel_for(0, chunks, 1, [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t c = begin; c < end; ++c) {
-        auto& h = partial[static_cast<size_t>(c)];
-        const std::int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
-        for (std::int64_t i = lo; i < hi; ++i) {
-          const std::uint32_t key = ordered_bits(data[i]);
-          if (!low_half) {
-            ++h[key >> 16];
-          } else if ((key >> 16) == high) {
-            ++h[key & 0xffffu];
-          }
-        }
-      }
+      for (std::int64_t c = begin; c < end; ++c)
+        f(t, c, data, c * grain, std::min(n, (c + 1) * grain));
     });
-    for (const auto& h : partial)
-      for (size_t b = 0; b < total.size(); ++b) total[b] += h[b];
   }
+}
+
+inline std::int64_t chunk_count(const torch::Tensor& t) { return (t.numel() + (1 << 18) - 1) >> 18; }
+
+// Histogram of 16 bits of the keys: the high half, or the low half of the keys whose high half
+// is `high`. One partial histogram per thread, merged at the end.
+inline Histogram histogram16(const std::vector<torch::Tensor>& values, bool low_half,
+                             std::uint32_t high) {
+  std::vector<Histogram> partial(static_cast<size_t>(at::get_num_threads()), Histogram(1 << 16, 0));
+  for_each_chunk(values, [&](size_t, std::int64_t, const float* data, std::int64_t lo, std::int64_t hi) {
+    auto& h = partial[static_cast<size_t>(at::get_thread_num())];
+    if (!low_half) {
+      for (std::int64_t i = lo; i < hi; ++i) ++h[ordered_bits(data[i]) >> 16];
+    } else {
+      for (std::int64_t i = lo; i < hi; ++i) {
+        const std::uint32_t key = ordered_bits(data[i]);
+        if ((key >> 16) == high) ++h[key & 0xffffu];
+      }
+    }
+  });
+  Histogram total(1 << 16, 0);
+  for (const auto& h : partial)
+    for (size_t b = 0; b < total.size(); ++b) total[b] += h[b];
   return total;
 }
 
@@ -69,41 +81,75 @@ inline std::uint32_t find_bin(const Histogram& h, std::int64_t& k) {
   throw std::logic_error("fasterai: selection rank beyond the number of values");
 }
 
-// The k-th smallest (1-based) value over all `scores` (contiguous float32 CPU tensors).
-inline float kth_smallest(const std::vector<torch::Tensor>& scores, std::int64_t k) {
-  const std::uint32_t high = find_bin(histogram16(scores, false, 0), k);
-  const std::uint32_t low = find_bin(histogram16(scores, true, high), k);
-  return from_ordered_bits((high << 16) | low);
+struct Threshold {
+  float value;               // the k-th smallest value
+  std::int64_t ties_taken;   // how many values equal to it are selected (the earliest)
+  std::int64_t ties_total;   // how many values equal it
+};
+
+// The k-th smallest (1-based, 1 <= k <= total) over contiguous float32 CPU tensors.
+inline Threshold kth_smallest(const std::vector<torch::Tensor>& values, std::int64_t k) {
+  const std::uint32_t high = find_bin(histogram16(values, false, 0), k);
+  const Histogram low_hist = histogram16(values, true, high);
+  const std::uint32_t low = find_bin(low_hist, k);
+  return {from_ordered_bits((high << 16) | low), k, low_hist[low]};
 }
 
-// Masks (true = selected) of the k lowest scores over all tensors; ties at the threshold go to
-// the earliest positions. Each score tensor is flat; the masks have the same shapes.
-inline std::vector<torch::Tensor> select_lowest(const std::vector<torch::Tensor>& scores,
-                                                std::int64_t k) {
-  std::vector<torch::Tensor> cpu;
-  cpu.reserve(scores.size());
-  for (const auto& s : scores) cpu.push_back(s.detach().to(torch::kCPU, torch::kFloat32).contiguous().view(-1));
-  std::vector<torch::Tensor> masks;
-  masks.reserve(scores.size());
-  if (k <= 0) {
-    for (const auto& s : scores) masks.push_back(torch::zeros(s.sizes(), s.options().dtype(torch::kBool)));
-    return masks;
+struct Selection {
+  std::vector<torch::Tensor> masks;   // bool, true = selected, shaped like the inputs
+  std::vector<std::int64_t> counts;   // selected per tensor
+};
+
+// The k lowest scores over all tensors; ties at the threshold go to the earliest positions.
+inline Selection select_lowest(const std::vector<torch::Tensor>& scores, std::int64_t k) {
+  std::vector<torch::Tensor> values;
+  Selection out;
+  for (const auto& s : scores) {
+    values.push_back(s.detach().to(torch::kCPU, torch::kFloat32).contiguous().view(-1));
+    // Every element is written below when k > 0; zeros only for the k == 0 case.
+    out.masks.push_back(k > 0 ? torch::empty(s.sizes(), torch::TensorOptions().dtype(torch::kBool))
+                              : torch::zeros(s.sizes(), torch::TensorOptions().dtype(torch::kBool)));
+    out.counts.push_back(0);
   }
-  const float threshold = kth_smallest(cpu, k);
-  std::int64_t below = 0;
-  for (const auto& s : cpu) below += s.lt(threshold).sum().item<std::int64_t>();
-  std::int64_t ties_left = k - below;  // how many of the values equal to the threshold go
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    auto mask = cpu[i].lt(threshold);
-    if (ties_left > 0) {
-      auto equal = cpu[i].eq(threshold);
-      auto rank = equal.cumsum(0);  // 1-based rank among this tensor's ties
-      mask |= equal & rank.le(ties_left);
-      ties_left -= std::min<std::int64_t>(ties_left, equal.sum().item<std::int64_t>());
+  std::int64_t total = 0;
+  for (const auto& v : values) total += v.numel();
+  k = std::clamp<std::int64_t>(k, 0, total);
+  if (k > 0) {
+    const Threshold t = kth_smallest(values, k);
+    // Quota of ties per chunk, in position order (only needed when some ties stay).
+    std::vector<std::vector<std::int64_t>> quota(values.size());
+    for (size_t i = 0; i < values.size(); ++i) quota[i].assign(static_cast<size_t>(chunk_count(values[i])), 0);
+    if (t.ties_taken < t.ties_total) {
+      for_each_chunk(values, [&](size_t i, std::int64_t c, const float* data, std::int64_t lo, std::int64_t hi) {
+        quota[i][static_cast<size_t>(c)] = std::count(data + lo, data + hi, t.value);
+      });
+      std::int64_t left = t.ties_taken;
+      for (auto& per_tensor : quota)
+        for (auto& q : per_tensor) q = std::min(q, left), left -= q;
     }
-    masks.push_back(mask.view(scores[i].sizes()).to(scores[i].device()));
+    std::vector<std::vector<std::int64_t>> selected(values.size());
+    for (size_t i = 0; i < values.size(); ++i) selected[i].assign(quota[i].size(), 0);
+    const bool all_ties = t.ties_taken == t.ties_total;
+    for_each_chunk(values, [&](size_t i, std::int64_t c, const float* data, std::int64_t lo, std::int64_t hi) {
+      bool* mask = out.masks[i].data_ptr<bool>();
+      std::int64_t n = 0;
+      if (all_ties) {  // the common case: a branch-free, vectorizable pass
+        for (std::int64_t j = lo; j < hi; ++j) n += (mask[j] = data[j] <= t.value);
+      } else {
+        std::int64_t ties = quota[i][static_cast<size_t>(c)];
+        for (std::int64_t j = lo; j < hi; ++j) {
+          bool take = data[j] < t.value;
+          if (data[j] == t.value) take = ties-- > 0;
+          n += (mask[j] = take);
+        }
+      }
+      selected[i][static_cast<size_t>(c)] = n;
+    });
+    for (size_t i = 0; i < values.size(); ++i)
+      for (auto n : selected[i]) out.counts[i] += n;
   }
-  return masks;
+  for (size_t i = 0; i < scores.size(); ++i) out.masks[i] = out.masks[i].to(scores[i].device());
+  return out;
 }
 
 }  // namespace fasterai::detail
