@@ -81,3 +81,11 @@ TEST_CASE("MAC count restores train mode and rejects bad shapes", "[statistics]"
   CHECK_THROWS_WITH(count_macs(m, {3, 0, 8}), Catch::Contains("input_shape") &&
                                                  Catch::Contains("positive"));
 }
+
+TEST_CASE("counts print with thousands separators", "[statistics]") {
+  CHECK(with_thousands(134'309'962) == "134,309,962");
+  CHECK(with_thousands(999) == "999");
+  CHECK(with_thousands(1000) == "1,000");
+  CHECK(with_thousands(0) == "0");
+  CHECK(with_thousands(-61'430'022) == "-61,430,022");
+}

@@ -46,6 +46,14 @@ std::int64_t model_size_bytes(const Model& model) {
   return bytes;
 }
 
+// A count with thousands separators, as the article prints it ("134,309,962").
+inline std::string with_thousands(std::int64_t n) {
+  std::string digits = std::to_string(n < 0 ? -n : n);
+  for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
+    digits.insert(static_cast<size_t>(i), ",");
+  return n < 0 ? "-" + digits : digits;
+}
+
 struct LayerSparsity {
   std::string name;          // state_dict prefix, e.g. "features.0"
   LayerKind kind;
