@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include <fasterai/data/fashion_mnist.hpp>
+#include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/train/learner.hpp>
 
 #include <cmath>
@@ -401,4 +403,26 @@ TEST_CASE("an error in the model's forward leaves the Learner usable", "[learner
   CHECK_THROWS(learn.validate());
   CHECK_FALSE(model->is_training());
   CHECK(learn.validate(fixtures::blobs(8, 8, 2)).examples == 8);
+}
+
+TEST_CASE("Learner trains the compact VGG on a Fashion-MNIST subset", "[learner]") {
+  const std::filesystem::path root = "/usr/share/datasets/fashion-mnist";
+  if (!std::filesystem::exists(root / "train-images-idx3-ubyte.gz")) {
+    WARN("Fashion-MNIST is not installed at " << root << "; skipped");
+    return;
+  }
+  using namespace fasterai::data;
+  torch::manual_seed(0);
+  auto model = models::compact_vgg(models::CompactVGGOptions().widths({8, 16, 16}).hidden(64));
+  std::ostringstream out;
+  Learner learn(
+      model,
+      make_batches(FashionMNIST(Split::Train, FashionMNISTOptions().subset(512).subset_seed(1)),
+                   LoaderOptions(32).shuffle(true)),
+      make_batches(FashionMNIST(Split::Test, FashionMNISTOptions().subset(256).subset_seed(1)), 128),
+      quiet(out).seed(0));
+  const auto records = learn.fit_one_cycle(3, 1e-2);
+  CAPTURE(out.str());
+  CHECK(records.back().metrics[0] > 0.5);  // 10 classes: chance is 0.1
+  CHECK(records.back().valid_loss < std::log(10.0));
 }
