@@ -26,3 +26,6 @@
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/one_cycle.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
+#include <fasterai/transform/bn_folder.hpp>
+#include <fasterai/transform/fc_decomposer.hpp>
+#include <fasterai/transform/pruner.hpp>
