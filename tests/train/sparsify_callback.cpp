@@ -5,13 +5,6 @@
 #include <fasterai/train/sparsify_callback.hpp>
 
 #if __has_include(<fasterai/sparse/sparsifier.hpp>)
-// GCC 12 at -O3 reports false -Warray-bounds / -Wstringop-overflow inside std::string's
-// operator+ once Sparsifier<..., Gradual>::recompute is inlined here (a plain concatenation).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Warray-bounds"
-#pragma GCC diagnostic ignored "-Wstringop-overflow"
-#pragma GCC diagnostic ignored "-Wrestrict"
-#endif
 #include <fasterai/sparse/sparsifier.hpp>
 #define FASTERAI_HAVE_SPARSIFIER 1
 #endif

@@ -91,9 +91,9 @@ struct NM {
 
   static void check(const torch::Tensor& weight, const std::string& layer) {
     fasterai::detail::check_argument(
-        weight.size(1) % M == 0, "fasterai::granularity::NM<" + name() + ">",
-        "input dimension of layer '" + layer + "'", weight.size(1),
-        "a multiple of M = " + std::to_string(M));
+        weight.size(1) % M == 0, fasterai::detail::concat("fasterai::granularity::NM<", name(), ">"),
+        fasterai::detail::concat("input dimension of layer '", layer, "'"), weight.size(1),
+        fasterai::detail::concat("a multiple of M = ", std::to_string(M)));
   }
   static torch::Tensor group_scores(const torch::Tensor& scores) {
     auto sorted = std::get<0>(blocks(scores).sort(/*stable=*/true, -1, false));

@@ -148,13 +148,10 @@ class Sparsifier final : public SparsifierInterface {
   }
 
   std::string name() const override {
-    std::string s = std::string(Granularity::name()) + "/" + std::string(Method::name()) + "/" +
-                    std::string(Criteria::name()) + "/";
-    if constexpr (requires { schedule_.name(); })
-      s += std::string(schedule_.name());
-    else
-      s += "custom schedule";
-    return s;
+    std::string schedule = "custom schedule";
+    if constexpr (requires { schedule_.name(); }) schedule = std::string(schedule_.name());
+    return detail::concat(Granularity::name(), "/", Method::name(), "/", Criteria::name(), "/",
+                          schedule);
   }
 
   // Names of the selected layers, in forward order.
@@ -208,15 +205,15 @@ class Sparsifier final : public SparsifierInterface {
     std::int64_t groups = 0;
   };
 
-  static std::string where(const char* fn) { return std::string("fasterai::Sparsifier::") + fn; }
+  static std::string where(const char* fn) { return detail::concat("fasterai::Sparsifier::", fn); }
 
   void select_layers(const LayerView& all) {
     const std::string ctor = where("Sparsifier");
     auto names_of = [&] {
       std::string s;
       for (const Layer& l : all)
-        if (is_prunable(l.kind)) s += (s.empty() ? "" : ", ") + l.name;
-      return "the name of a Conv2d or Linear layer (" + s + ")";
+        if (is_prunable(l.kind)) s.append(s.empty() ? "" : ", ").append(l.name);
+      return detail::concat("the name of a Conv2d or Linear layer (", s, ")");
     };
     auto find_prunable = [&](const std::string& name) {
       return std::find_if(all.begin(), all.end(),
@@ -226,8 +223,8 @@ class Sparsifier final : public SparsifierInterface {
       detail::check_argument(find_prunable(n) != all.end(), ctor, "include", n, names_of());
     for (const auto& n : options_.exclude())
       detail::check_argument(find_prunable(n) != all.end(), ctor, "exclude", n, names_of());
-    detail::check_sparsity(ctor + " (options.target)", options_.target());
-    detail::check_sparsity(ctor + " (options.start)", options_.start());
+    detail::check_sparsity(detail::concat(ctor, " (options.target)"), options_.target());
+    detail::check_sparsity(detail::concat(ctor, " (options.start)"), options_.start());
     check_reachable("options.target", options_.target());
     detail::check_argument(!Method::global || options_.layer_targets().empty(), ctor,
                            "layer_targets", options_.layer_targets().size(),
@@ -259,8 +256,8 @@ class Sparsifier final : public SparsifierInterface {
     for (const auto& [name, s] : options_.layer_targets()) {
       auto it = std::find_if(selected.begin(), selected.end(), [&](const Target& t) { return t.layer.name == name; });
       detail::check_argument(it != selected.end(), ctor, "layer_targets", name, "the name of a selected layer");
-      detail::check_sparsity(ctor + " (layer_targets[" + name + "])", s);
-      check_reachable("layer_targets[" + name + "]", s);
+      detail::check_sparsity(detail::concat(ctor, " (layer_targets[", name, "])"), s);
+      check_reachable(detail::concat("layer_targets[", name, "]"), s);
       it->target = s;
     }
     for (size_t i = 0; i < selected.size(); ++i)
@@ -270,8 +267,8 @@ class Sparsifier final : public SparsifierInterface {
 
   void check_reachable(const std::string& argument, double s) const {
     detail::check_argument(s <= Granularity::max_sparsity(), where("Sparsifier"), argument, s,
-                           "at most " + std::to_string(Granularity::max_sparsity()) +
-                               "% for granularity " + std::string(Granularity::name()));
+                           detail::concat("at most ", std::to_string(Granularity::max_sparsity()),
+                                          "% for granularity ", Granularity::name()));
   }
 
   // Masks from the groups that are already entirely zero (Constant schedule: keep what an
@@ -304,14 +301,14 @@ class Sparsifier final : public SparsifierInterface {
       detail::check_argument(std::isfinite(lowest.template item<double>()) &&
                                  std::isfinite(highest.template item<double>()),
                              where("prune/step"),
-                             "weights of layer '" + t.layer.name + "'", "NaN or Inf",
+                             detail::concat("weights of layer '", t.layer.name, "'"), "NaN or Inf",
                              "finite values");
       torch::Tensor grad;
       if constexpr (Criteria::needs_gradients) {
         detail::check_argument(w.grad().defined(), where("prune/step"),
-                               "gradient of layer '" + t.layer.name + "'", "undefined",
-                               "gradients from loss.backward() before sparsifying with " +
-                                   std::string(Criteria::name()));
+                               detail::concat("gradient of layer '", t.layer.name, "'"), "undefined",
+                               detail::concat("gradients from loss.backward() before sparsifying with ",
+                                              Criteria::name()));
         grad = w.grad().detach().to(torch::kFloat32);
       }
       auto s = Criteria::score(w.detach().to(torch::kFloat32), grad, t.state);
