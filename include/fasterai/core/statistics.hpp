@@ -48,10 +48,14 @@ std::int64_t model_size_bytes(const Model& model) {
 
 // A count with thousands separators, as the article prints it ("134,309,962").
 inline std::string with_thousands(std::int64_t n) {
-  std::string digits = std::to_string(n < 0 ? -n : n);
-  for (auto i = static_cast<std::ptrdiff_t>(digits.size()) - 3; i > 0; i -= 3)
-    digits.insert(static_cast<size_t>(i), ",");
-  return n < 0 ? "-" + digits : digits;
+  const std::string digits = std::to_string(n);
+  const size_t sign = n < 0 ? 1 : 0;
+  std::string out(digits, 0, sign);
+  for (size_t i = sign; i < digits.size(); ++i) {
+    if (i > sign && (digits.size() - i) % 3 == 0) out.push_back(',');
+    out.push_back(digits[i]);
+  }
+  return out;
 }
 
 struct LayerSparsity {
