@@ -159,7 +159,7 @@ TEST_CASE("BNFolder on a model without BatchNorm is a reported no-op", "[bn_fold
   CHECK_FALSE(folded->is_training());
 }
 
-TEST_CASE("BNFolder folds across stage boundaries; an emptied stage becomes Identity",
+TEST_CASE("BNFolder folds across stage boundaries and an emptied stage becomes Identity",
           "[bn_folder]") {
   torch::manual_seed(17);
   nn::Sequential model;
