@@ -46,7 +46,9 @@ struct PrunedLayer {
   std::string name;                     // e.g. "features.0"
   std::int64_t channels_before = 0;     // output channels of the convolution
   std::int64_t channels_after = 0;
-  std::int64_t constant_channels = 0;   // zero filters kept because a BatchNorm emits β there
+  // Channels with an all-zero filter kept because they emit a constant (a nonzero bias, or a
+  // BatchNorm after them with γ or β ≠ 0): removing them would change the outputs.
+  std::int64_t constant_channels = 0;
   std::int64_t removed() const { return channels_before - channels_after; }
 };
 
@@ -154,9 +156,9 @@ inline ChannelPath trace_channels(const std::vector<Layer>& all, std::size_t con
 inline torch::Tensor zero_channels(const torch::nn::Conv2dImpl& conv, const ChannelPath& path,
                                    std::int64_t& constant_channels) {
   const std::int64_t channels = conv.weight.size(0);
-  torch::Tensor zero = conv.weight.reshape({channels, -1}).eq(0).all(1);
+  const torch::Tensor zero_filters = conv.weight.reshape({channels, -1}).eq(0).all(1);
+  torch::Tensor zero = zero_filters.clone();
   if (conv.bias.defined()) zero &= conv.bias.eq(0);
-  const torch::Tensor zero_filters = zero.clone();
   for (const Layer* layer : path.batch_norms) {
     const auto* bn = layer->as<torch::nn::BatchNorm2dImpl>();
     // Without affine parameters a BatchNorm emits −μ/√(σ² + ε) for a zero input: keep.
