@@ -1,0 +1,156 @@
+// The article's compression stages on VGG16-BN (10 classes) at 224×224, batch 1, one thread:
+//
+//   Transforms_Latency/original     dense model
+//   Transforms_Latency/sparsified   40% of filters zeroed in place (Filter/Local/L1): same cost
+//   Transforms_Latency/pruned       zero channels removed by the Pruner
+//   Transforms_Latency/folded       BatchNorms folded by the BNFolder
+//   Transforms_Latency/factorized   Linears factorized by the FCDecomposer at 0.5
+//
+// Counters: `MACs` of one forward (fasterai::count_macs), `params`, and `MAC_reduction`
+// (original MACs / this stage's MACs) to compare with the measured speedup (ratio of medians).
+// Transforms_{Pruner,BNFolder,FCDecomposer} time the transforms themselves. With the reference
+// LAPACK/BLAS of a stock Debian LibTorch the FCDecomposer's SVDs take minutes, so it runs once;
+// its result is reused as the factorized stage.
+//
+//   fasterai_benchmarks --benchmark_filter=Transforms
+#include <benchmark/benchmark.h>
+
+#include <memory>
+#include <optional>
+
+#include <fasterai/core/statistics.hpp>
+#include <fasterai/models/vgg.hpp>
+#include <fasterai/sparse/sparsifier.hpp>
+#include <fasterai/transform/bn_folder.hpp>
+#include <fasterai/transform/fc_decomposer.hpp>
+#include <fasterai/transform/pruner.hpp>
+
+namespace {
+
+using FilterL1 = fasterai::Sparsifier<fasterai::granularity::Filter, fasterai::method::Local,
+                                      fasterai::criteria::L1, fasterai::schedule::OneShot>;
+
+constexpr int kThreads = 1;
+constexpr double kPercentRemoved = 0.5;
+
+enum class Stage { original, sparsified, pruned, folded, factorized };
+
+// Each stage is built once, on first use, from the one before it.
+struct Stages {
+  std::optional<torch::nn::Sequential> original, sparsified, pruned, folded, factorized;
+};
+
+Stages& stages() {
+  static Stages s;
+  return s;
+}
+
+// Running statistics away from (0, 1), as after training, so that folding has work to do.
+void trained_looking_batch_norms(torch::nn::Module& model) {
+  torch::NoGradGuard no_grad;
+  for (auto& m : model.modules(false)) {
+    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
+      const auto n = bn->options.num_features();
+      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
+      bn->bias.copy_(0.3 * torch::randn({n}));
+      bn->running_mean.copy_(0.5 * torch::randn({n}));
+      bn->running_var.copy_(0.5 + torch::rand({n}));
+    }
+  }
+}
+
+torch::nn::Sequential& stage(Stage which) {
+  auto& s = stages();
+  if (!s.original) {
+    torch::manual_seed(0);
+    s.original = fasterai::models::vgg16_bn(10);
+    trained_looking_batch_norms(**s.original);
+    (*s.original)->eval();
+  }
+  if (which == Stage::original) return *s.original;
+  if (!s.sparsified) {
+    s.sparsified = fasterai::clone_model(*s.original);
+    FilterL1(*s.sparsified).prune(40.0);
+    (*s.sparsified)->eval();
+  }
+  if (which == Stage::sparsified) return *s.sparsified;
+  if (!s.pruned) s.pruned = fasterai::Pruner().prune(*s.sparsified);
+  if (which == Stage::pruned) return *s.pruned;
+  if (!s.folded) s.folded = fasterai::BNFolder().fold(*s.pruned);
+  if (which == Stage::folded) return *s.folded;
+  if (!s.factorized) {
+    s.factorized = fasterai::FCDecomposer().decompose(*s.folded, kPercentRemoved);
+    (*s.factorized)->eval();
+  }
+  return *s.factorized;
+}
+
+void Transforms_Latency(benchmark::State& state, Stage which) {
+  torch::set_num_threads(kThreads);
+  torch::NoGradGuard no_grad;
+  auto& model = stage(which);
+  const auto macs = fasterai::count_macs(model, {3, 224, 224}).total();
+  const auto original_macs = fasterai::count_macs(stage(Stage::original), {3, 224, 224}).total();
+  const auto input = torch::randn({1, 3, 224, 224});
+  model->forward(input);  // warm-up: oneDNN builds its primitives on the first call
+  for (auto _ : state) {
+    auto out = model->forward(input);
+    benchmark::DoNotOptimize(out.data_ptr());
+  }
+  state.counters["MACs"] = double(macs);
+  state.counters["params"] = double(fasterai::count_parameters(model));
+  state.counters["MAC_reduction"] = double(original_macs) / double(macs);
+}
+
+void Transforms_Pruner(benchmark::State& state) {
+  torch::set_num_threads(kThreads);
+  const auto& sparsified = stage(Stage::sparsified);
+  for (auto _ : state) {
+    auto pruned = fasterai::Pruner().prune(sparsified);
+    benchmark::DoNotOptimize(pruned.ptr());
+  }
+}
+
+void Transforms_BNFolder(benchmark::State& state) {
+  torch::set_num_threads(kThreads);
+  const auto& pruned = stage(Stage::pruned);
+  for (auto _ : state) {
+    auto folded = fasterai::BNFolder().fold(pruned);
+    benchmark::DoNotOptimize(folded.ptr());
+  }
+}
+
+void Transforms_FCDecomposer(benchmark::State& state) {
+  torch::set_num_threads(kThreads);
+  const auto& folded = stage(Stage::folded);
+  for (auto _ : state) {
+    auto factorized = fasterai::FCDecomposer().decompose(folded, kPercentRemoved);
+    benchmark::DoNotOptimize(factorized.ptr());
+    state.PauseTiming();
+    if (!stages().factorized) {
+      factorized->eval();
+      stages().factorized = factorized;
+    }
+    state.ResumeTiming();
+  }
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(Transforms_Latency, original, Stage::original)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, sparsified, Stage::sparsified)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, pruned, Stage::pruned)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, folded, Stage::folded)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK(Transforms_Pruner)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK(Transforms_BNFolder)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+// Minutes per run with the reference LAPACK: once, and its result becomes the factorized stage.
+BENCHMARK(Transforms_FCDecomposer)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(1);
+BENCHMARK_CAPTURE(Transforms_Latency, factorized, Stage::factorized)
+    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
