@@ -29,3 +29,12 @@ TEST_CASE("latency harness rejects bad options", "[latency]") {
   CHECK_THROWS_WITH(measure_latency(m, x, LatencyOptions().warmup(-1)), Catch::Contains("warmup"));
   CHECK_THROWS_WITH(measure_latency(m, x, LatencyOptions().threads(0)), Catch::Contains("threads"));
 }
+
+TEST_CASE("latency harness restores mode and threads when forward throws", "[latency]") {
+  nn::Sequential m(nn::Linear(2, 2));
+  m->train();
+  const int threads = torch::get_num_threads();
+  CHECK_THROWS(measure_latency(m, torch::randn({1, 3}), LatencyOptions().threads(threads + 1)));
+  CHECK(m->is_training());
+  CHECK(torch::get_num_threads() == threads);
+}

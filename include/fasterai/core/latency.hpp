@@ -49,8 +49,16 @@ LatencyStats measure_latency(Model& model, const torch::Tensor& input,
   detail::check_argument(options.threads() >= 1, where, "threads", options.threads(),
                          "a count >= 1");
   auto& m = detail::impl(model);
-  const bool was_training = m.is_training();
-  const int old_threads = torch::get_num_threads();
+  // Mode and thread count come back even if forward throws.
+  struct Restore {
+    torch::nn::Module& m;
+    bool training;
+    int threads;
+    ~Restore() {
+      m.train(training);
+      torch::set_num_threads(threads);
+    }
+  } restore{m, m.is_training(), torch::get_num_threads()};
   torch::set_num_threads(options.threads());
   m.eval();
   torch::NoGradGuard no_grad;
@@ -63,8 +71,6 @@ LatencyStats measure_latency(Model& model, const torch::Tensor& input,
     if (i >= options.warmup())
       times.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
   }
-  m.train(was_training);
-  torch::set_num_threads(old_threads);
   std::sort(times.begin(), times.end());
   LatencyStats s;
   s.runs = options.runs();

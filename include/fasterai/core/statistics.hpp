@@ -136,10 +136,17 @@ MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) 
   torch::Tensor x = torch::zeros(input_shape, options);
   for (const Layer& layer : layers(model)) {
     // Layers run in eval mode so that BatchNorm accepts a batch of one; modes are restored.
-    const bool was_training = layer.module.ptr()->is_training();
-    layer.module.ptr()->eval();
-    torch::Tensor y = layer.forward(x);
-    layer.module.ptr()->train(was_training);
+    auto& m = *layer.module.ptr();
+    const bool was_training = m.is_training();
+    m.eval();
+    torch::Tensor y;
+    try {
+      y = layer.forward(x);
+    } catch (...) {
+      m.train(was_training);
+      throw;
+    }
+    m.train(was_training);
     if (auto* conv = layer.as<torch::nn::Conv2dImpl>()) {
       const auto& w = conv->weight;  // [out, in/groups, kh, kw]
       report.layers.push_back({layer.name, layer.kind, y.numel() * w.size(1) * w.size(2) * w.size(3)});
