@@ -23,13 +23,15 @@
 // Channels that reach the model's output (a chain ending in a convolution) are never removed:
 // that would change the output's shape. Every convolution keeps at least one channel.
 // Grouped convolutions, and any layer not listed above between a convolution and the layer
-// that reads its channels, are refused with an exception naming the layer.
+// that reads its channels (a Sigmoid, a Dropout2d, a BatchNorm1d after the Flatten, ...), are
+// refused with a fasterai::argument_error naming the layer; layers before the first convolution
+// and after the first Linear are copied as they are.
 
 #include <cstdint>
 #include <map>
-#include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <torch/torch.h>
@@ -192,7 +194,10 @@ inline PrunePlan plan_pruning(const std::vector<Layer>& all) {
     const Layer& layer = all[i];
     const auto& conv = *layer.as<torch::nn::Conv2dImpl>();
     // A grouped convolution ties input channels to output channels group by group.
-    if (conv.options.groups() != 1) throw_unsupported(layer, layer, "a grouped convolution");
+    if (conv.options.groups() != 1)
+      throw argument_error(std::string(pruner_where) + ": Conv2d '" + layer.name + "' has groups = " +
+                           std::to_string(conv.options.groups()) +
+                           "; grouped convolutions are not supported, only groups = 1");
     const ChannelPath path = trace_channels(all, i);
     const std::int64_t channels = conv.weight.size(0);
     PrunedLayer entry{layer.name, channels, channels, 0};

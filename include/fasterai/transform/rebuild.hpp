@@ -7,7 +7,6 @@
 // each leaf becomes. Leaves that the decision leaves alone are deep copies (`AnyModule::clone`),
 // so the result never shares a tensor with the input.
 
-#include <optional>
 #include <string>
 #include <utility>
 
