@@ -8,9 +8,9 @@
 //
 // Counters: `MACs` of one forward (fasterai::count_macs), `params`, and `MAC_reduction`
 // (original MACs / this stage's MACs) to compare with the measured speedup (ratio of medians).
-// Transforms_{Pruner,BNFolder,FCDecomposer} time the transforms themselves. With the reference
-// LAPACK/BLAS of a stock Debian LibTorch the FCDecomposer's two large SVDs take about a minute,
-// so it runs once, and its result is reused as the factorized stage.
+// Transforms_{Pruner,BNFolder,FCDecomposer} time the transforms themselves. The FCDecomposer's
+// two large SVDs take about a minute on 2 cores with OpenBLAS (over ten with the reference
+// LAPACK), so it runs once, and its result is reused as the factorized stage.
 //
 //   fasterai_benchmarks --benchmark_filter=Transforms
 #include <benchmark/benchmark.h>
@@ -149,7 +149,7 @@ BENCHMARK(Transforms_Pruner)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
 BENCHMARK(Transforms_BNFolder)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
-// About a minute per run with the reference LAPACK: once; its result becomes the factorized stage.
+// About a minute per run: once; its result becomes the factorized stage.
 BENCHMARK(Transforms_FCDecomposer)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(1);
 BENCHMARK_CAPTURE(Transforms_Latency, factorized, Stage::factorized)

@@ -5,13 +5,10 @@
 //   + BNFolder                         83,970,260
 //   + FCDecomposer(0.5)                61,430,022
 //
-// Pruning and folding must not change the outputs. Factorizing VGG16's two 4096-wide Linears
-// needs SVDs in double of 4096×15092 and 4096×4096 matrices: about 50 s on an idle 2-core
-// machine with the reference LAPACK/BLAS of a stock Debian LibTorch, many minutes when the
-// machine is busy. The default test therefore checks the last stage with
-// `FCDecomposer::preview` (the same plan, without the SVDs) and factorizes the small
-// classifier.6 for real; the hidden test "[.slow]" runs the full factorization
-// (test_transform "[.slow]").
+// Pruning and folding must not change the outputs. The factorization runs for real: SVDs in
+// double of 4096×15092 and 4096×4096 matrices, about 50 s on an idle 2-core machine with
+// OpenBLAS (a project dependency; the reference LAPACK that Debian's libtorch falls back to
+// without it takes over ten minutes). Tagged [slow] so that "~[slow]" can leave it out.
 
 #include <catch2/catch.hpp>
 
@@ -78,7 +75,7 @@ Chain pruned_and_folded() {
 
 }  // namespace
 
-TEST_CASE("article chain on VGG16-BN: sparsify, prune, fold, factorize", "[article]") {
+TEST_CASE("article chain on VGG16-BN: sparsify, prune, fold, factorize", "[article][slow]") {
   Chain c = pruned_and_folded();
 
   FCDecomposer decomposer;
@@ -91,19 +88,6 @@ TEST_CASE("article chain on VGG16-BN: sparsify, prune, fold, factorize", "[artic
   CHECK(plan.layers[2].rank == 5);
   CHECK(count_parameters(c.folded) - plan.parameters_saved() == 61'430'022);
 
-  // The small head for real: 4096 → 10 becomes 4096 → 5 → 10.
-  FCDecomposer head(FCDecomposerOptions().layers({"classifier.6"}));
-  auto factorized = head.decompose(c.folded, 0.5);
-  CHECK(count_parameters(c.folded) - count_parameters(factorized) ==
-        plan.layers[2].parameters_before - plan.layers[2].parameters_after);
-  const auto p = factorized->named_parameters();
-  CHECK(p["classifier.6.0.weight"].sizes() == std::vector<std::int64_t>{5, 4096});
-  CHECK(p["classifier.6.1.weight"].sizes() == std::vector<std::int64_t>{10, 5});
-}
-
-TEST_CASE("article chain on VGG16-BN with the full factorization", "[article][.slow]") {
-  Chain c = pruned_and_folded();
-  FCDecomposer decomposer;
   auto factorized = decomposer.decompose(c.folded, 0.5);
   CHECK(count_parameters(factorized) == 61'430'022);
   CHECK(decomposer.report().factorized() == 3);
@@ -111,6 +95,8 @@ TEST_CASE("article chain on VGG16-BN with the full factorization", "[article][.s
   CHECK(p["classifier.0.0.weight"].sizes() == std::vector<std::int64_t>{2048, 308 * 49});
   CHECK(p["classifier.0.1.weight"].sizes() == std::vector<std::int64_t>{4096, 2048});
   CHECK(p["classifier.3.1.bias"].sizes() == std::vector<std::int64_t>{4096});
+  CHECK(p["classifier.6.0.weight"].sizes() == std::vector<std::int64_t>{5, 4096});
+  CHECK(p["classifier.6.1.weight"].sizes() == std::vector<std::int64_t>{10, 5});
   factorized->eval();
   torch::NoGradGuard no_grad;
   CHECK(factorized->forward(torch::randn({1, 3, 32, 32})).sizes() == std::vector<std::int64_t>{1, 10});

@@ -18,8 +18,8 @@
 //
 // The pair is a NamedSequential under the original layer's name, so its parameters are named
 // `classifier.0.0.weight` and `classifier.0.1.weight` / `classifier.0.1.bias`. `preview` gives
-// the ranks and parameter counts without computing any SVD (a large layer's SVD takes seconds
-// with an optimized LAPACK, minutes with the reference one).
+// the ranks and parameter counts without computing any SVD (VGG16's 4096×15092 layer takes
+// about half a minute on two cores with OpenBLAS, many minutes with the reference LAPACK).
 
 #include <algorithm>
 #include <cmath>
