@@ -1,4 +1,6 @@
-// The article's compression stages on VGG16-BN (10 classes) at 224×224, batch 1, one thread:
+// The article's compression stages, batch 1, one thread, on VGG16-BN (10 classes) at 224×224
+// and on the walkthrough's compact VGG at 1×28×28 (untrained weights: latency does not depend
+// on the values):
 //
 //   Transforms_Latency/original     dense model
 //   Transforms_Latency/sparsified   40% of filters zeroed in place (Filter/Local/L1): same cost
@@ -13,12 +15,14 @@
 // LAPACK), so it runs once, and its result is reused as the factorized stage.
 //
 //   fasterai_benchmarks --benchmark_filter=Transforms
+//   (names carry the model: Transforms_Latency/vgg16_bn_pruned, .../compact_vgg_pruned)
 #include <benchmark/benchmark.h>
 
 #include <memory>
 #include <optional>
 
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/transform/bn_folder.hpp>
@@ -34,15 +38,21 @@ constexpr int kThreads = 1;
 constexpr double kPercentRemoved = 0.5;
 
 enum class Stage { original, sparsified, pruned, folded, factorized };
+enum class Network { vgg16_bn, compact_vgg };
 
 // Each stage is built once, on first use, from the one before it.
 struct Stages {
   std::optional<torch::nn::Sequential> original, sparsified, pruned, folded, factorized;
 };
 
-Stages& stages() {
-  static Stages s;
-  return s;
+Stages& stages(Network network) {
+  static Stages vgg, compact;
+  return network == Network::vgg16_bn ? vgg : compact;
+}
+
+std::vector<std::int64_t> input_shape(Network network) {
+  return network == Network::vgg16_bn ? std::vector<std::int64_t>{3, 224, 224}
+                                      : std::vector<std::int64_t>{1, 28, 28};
 }
 
 // Running statistics away from (0, 1), as after training, so that folding has work to do.
@@ -59,11 +69,12 @@ void trained_looking_batch_norms(torch::nn::Module& model) {
   }
 }
 
-torch::nn::Sequential& stage(Stage which) {
-  auto& s = stages();
+torch::nn::Sequential& stage(Network network, Stage which) {
+  auto& s = stages(network);
   if (!s.original) {
     torch::manual_seed(0);
-    s.original = fasterai::models::vgg16_bn(10);
+    s.original = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
+                                              : fasterai::models::compact_vgg();
     trained_looking_batch_norms(**s.original);
     (*s.original)->eval();
   }
@@ -85,13 +96,16 @@ torch::nn::Sequential& stage(Stage which) {
   return *s.factorized;
 }
 
-void Transforms_Latency(benchmark::State& state, Stage which) {
+void Transforms_Latency(benchmark::State& state, Network network, Stage which) {
   torch::set_num_threads(kThreads);
   torch::NoGradGuard no_grad;
-  auto& model = stage(which);
-  const auto macs = fasterai::count_macs(model, {3, 224, 224}).total();
-  const auto original_macs = fasterai::count_macs(stage(Stage::original), {3, 224, 224}).total();
-  const auto input = torch::randn({1, 3, 224, 224});
+  auto& model = stage(network, which);
+  const auto shape = input_shape(network);
+  const auto macs = fasterai::count_macs(model, shape).total();
+  const auto original_macs = fasterai::count_macs(stage(network, Stage::original), shape).total();
+  auto batch_shape = shape;
+  batch_shape.insert(batch_shape.begin(), 1);
+  const auto input = torch::randn(batch_shape);
   model->forward(input);  // warm-up: oneDNN builds its primitives on the first call
   for (auto _ : state) {
     auto out = model->forward(input);
@@ -104,7 +118,7 @@ void Transforms_Latency(benchmark::State& state, Stage which) {
 
 void Transforms_Pruner(benchmark::State& state) {
   torch::set_num_threads(kThreads);
-  const auto& sparsified = stage(Stage::sparsified);
+  const auto& sparsified = stage(Network::vgg16_bn, Stage::sparsified);
   for (auto _ : state) {
     auto pruned = fasterai::Pruner().prune(sparsified);
     benchmark::DoNotOptimize(pruned.ptr());
@@ -113,7 +127,7 @@ void Transforms_Pruner(benchmark::State& state) {
 
 void Transforms_BNFolder(benchmark::State& state) {
   torch::set_num_threads(kThreads);
-  const auto& pruned = stage(Stage::pruned);
+  const auto& pruned = stage(Network::vgg16_bn, Stage::pruned);
   for (auto _ : state) {
     auto folded = fasterai::BNFolder().fold(pruned);
     benchmark::DoNotOptimize(folded.ptr());
@@ -122,14 +136,14 @@ void Transforms_BNFolder(benchmark::State& state) {
 
 void Transforms_FCDecomposer(benchmark::State& state) {
   torch::set_num_threads(kThreads);
-  const auto& folded = stage(Stage::folded);
+  const auto& folded = stage(Network::vgg16_bn, Stage::folded);
   for (auto _ : state) {
     auto factorized = fasterai::FCDecomposer().decompose(folded, kPercentRemoved);
     benchmark::DoNotOptimize(factorized.ptr());
     state.PauseTiming();
-    if (!stages().factorized) {
+    if (!stages(Network::vgg16_bn).factorized) {
       factorized->eval();
-      stages().factorized = factorized;
+      stages(Network::vgg16_bn).factorized = factorized;
     }
     state.ResumeTiming();
   }
@@ -137,13 +151,13 @@ void Transforms_FCDecomposer(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK_CAPTURE(Transforms_Latency, original, Stage::original)
+BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_original, Network::vgg16_bn, Stage::original)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
-BENCHMARK_CAPTURE(Transforms_Latency, sparsified, Stage::sparsified)
+BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_sparsified, Network::vgg16_bn, Stage::sparsified)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
-BENCHMARK_CAPTURE(Transforms_Latency, pruned, Stage::pruned)
+BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_pruned, Network::vgg16_bn, Stage::pruned)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
-BENCHMARK_CAPTURE(Transforms_Latency, folded, Stage::folded)
+BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_folded, Network::vgg16_bn, Stage::folded)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
 BENCHMARK(Transforms_Pruner)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
@@ -152,5 +166,17 @@ BENCHMARK(Transforms_BNFolder)
 // About a minute per run: once; its result becomes the factorized stage.
 BENCHMARK(Transforms_FCDecomposer)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(1);
-BENCHMARK_CAPTURE(Transforms_Latency, factorized, Stage::factorized)
+BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_factorized, Network::vgg16_bn, Stage::factorized)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+
+// The walkthrough's network: about 1 ms per forward, so many more iterations per repetition.
+BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_original, Network::compact_vgg, Stage::original)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_sparsified, Network::compact_vgg, Stage::sparsified)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_pruned, Network::compact_vgg, Stage::pruned)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_folded, Network::compact_vgg, Stage::folded)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_factorized, Network::compact_vgg, Stage::factorized)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);

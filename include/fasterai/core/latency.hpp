@@ -61,7 +61,9 @@ LatencyStats measure_latency(Model& model, const torch::Tensor& input,
   } restore{m, m.is_training(), torch::get_num_threads()};
   torch::set_num_threads(options.threads());
   m.eval();
-  torch::NoGradGuard no_grad;
+  // Inference mode, not just no-grad: no autograd metadata or version counters per op, which
+  // is what a deployed model pays.
+  c10::InferenceMode inference;
   std::vector<double> times;
   times.reserve(static_cast<size_t>(options.runs()));
   for (int i = 0; i < options.warmup() + options.runs(); ++i) {

@@ -182,6 +182,7 @@ class Learner {
   using Hyper = std::function<void(double pct_train)>;
   void check_fit(const char* where, int epochs, double lr, const char* lr_name) const;
   std::vector<EpochRecord> run_fit(int epochs, const Hyper& schedule, std::vector<CallbackRef> extra);
+  void predict(const torch::data::Example<>& batch, CallbackList& callbacks);
   void train_batch(const torch::data::Example<>& batch, CallbackList& callbacks, const Hyper& schedule);
   ValidationResult run_validation(const data::Batches& data, CallbackList& callbacks,
                                   const std::function<void()>& tick);
@@ -555,10 +556,10 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
   return records;
 }
 
-inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackList& callbacks,
-                                 const Hyper& schedule) {
+// The part of a batch that training and validation share: inputs to the device, prediction
+// and loss, with the callbacks' hooks in between.
+inline void Learner::predict(const torch::data::Example<>& batch, CallbackList& callbacks) {
   auto& s = state_;
-  if (schedule) schedule(s.pct_train());
   s.x = batch.data.to(options_.device());
   s.y = batch.target.to(options_.device());
   callbacks.before_batch(s);
@@ -566,6 +567,13 @@ inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackLi
   callbacks.after_pred(s);
   s.loss = options_.loss()(s.pred, s.y);
   callbacks.after_loss(s);
+}
+
+inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackList& callbacks,
+                                 const Hyper& schedule) {
+  auto& s = state_;
+  if (schedule) schedule(s.pct_train());
+  predict(batch, callbacks);
   if (!s.loss.defined() || s.loss.numel() != 1)
     detail::throw_argument_error("fasterai::Learner", "loss",
                                  s.loss.defined() ? s.loss.sizes() : c10::IntArrayRef{},
@@ -605,13 +613,7 @@ inline ValidationResult Learner::run_validation(const data::Batches& data, Callb
   std::vector<double> metric_sums(metrics.size(), 0.0);
   std::int64_t count = 0;
   data.for_each([&](const torch::data::Example<>& batch) {
-    s.x = batch.data.to(options_.device());
-    s.y = batch.target.to(options_.device());
-    callbacks.before_batch(s);
-    s.pred = forward_(s.x);
-    callbacks.after_pred(s);
-    s.loss = options_.loss()(s.pred, s.y);
-    callbacks.after_loss(s);
+    predict(batch, callbacks);
     const std::int64_t n = s.x.dim() > 0 ? s.x.size(0) : 1;
     loss_sum += s.loss.item<double>() * double(n);
     for (size_t i = 0; i < metrics.size(); ++i)
