@@ -4,10 +4,7 @@
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
 
-#if __has_include(<fasterai/sparse/sparsifier.hpp>)
 #include <fasterai/sparse/sparsifier.hpp>
-#define FASTERAI_HAVE_SPARSIFIER 1
-#endif
 
 #include <cmath>
 #include <memory>
@@ -244,7 +241,6 @@ TEST_CASE("SparsifyCallback rejects bad options", "[sparsify_callback]") {
                     Contains("sparsifier") && Contains("nullptr"));
 }
 
-#ifdef FASTERAI_HAVE_SPARSIFIER
 TEST_CASE("SparsifyCallback with a real gradual Sparsifier ends at the target",
           "[sparsify_callback]") {
   torch::manual_seed(0);
@@ -267,4 +263,3 @@ TEST_CASE("SparsifyCallback with a real gradual Sparsifier ends at the target",
   CHECK(std::regex_search(text, std::regex(R"(Sparsity at epoch 0: \d+\.\d\d%)")));
   CHECK_THAT(text, Contains("Sparsity at epoch 2: 50.00%") && Contains("Final Sparsity: 50.00%"));
 }
-#endif
