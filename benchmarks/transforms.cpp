@@ -149,34 +149,40 @@ void Transforms_FCDecomposer(benchmark::State& state) {
   }
 }
 
+// Wall time, five repetitions, medians and spread reported.
+template <benchmark::TimeUnit unit>
+void repeated(benchmark::internal::Benchmark* b) {
+  b->UseRealTime()->Unit(unit)->Repetitions(5)->ReportAggregatesOnly(true);
+}
+
 }  // namespace
 
 BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_original, Network::vgg16_bn, Stage::original)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_sparsified, Network::vgg16_bn, Stage::sparsified)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_pruned, Network::vgg16_bn, Stage::pruned)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_folded, Network::vgg16_bn, Stage::folded)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 BENCHMARK(Transforms_Pruner)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 BENCHMARK(Transforms_BNFolder)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 // About a minute per run: once; its result becomes the factorized stage.
 BENCHMARK(Transforms_FCDecomposer)
     ->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(1);
 BENCHMARK_CAPTURE(Transforms_Latency, vgg16_bn_factorized, Network::vgg16_bn, Stage::factorized)
-    ->UseRealTime()->Unit(benchmark::kMillisecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMillisecond>);
 
 // The walkthrough's network: about 1 ms per forward, so many more iterations per repetition.
 BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_original, Network::compact_vgg, Stage::original)
-    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMicrosecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_sparsified, Network::compact_vgg, Stage::sparsified)
-    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMicrosecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_pruned, Network::compact_vgg, Stage::pruned)
-    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMicrosecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_folded, Network::compact_vgg, Stage::folded)
-    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMicrosecond>);
 BENCHMARK_CAPTURE(Transforms_Latency, compact_vgg_factorized, Network::compact_vgg, Stage::factorized)
-    ->UseRealTime()->Unit(benchmark::kMicrosecond)->Repetitions(5)->ReportAggregatesOnly(true);
+    ->Apply(repeated<benchmark::kMicrosecond>);

@@ -76,16 +76,19 @@ struct SparsityReport {
   }
 };
 
+// Sparsity of the weight of one prunable layer.
+inline LayerSparsity layer_sparsity(const Layer& layer) {
+  torch::NoGradGuard no_grad;
+  const auto& w = layer.weight();
+  const std::int64_t nonzero = w.count_nonzero().item<std::int64_t>();
+  return LayerSparsity{layer.name, layer.kind, w.numel(), w.numel() - nonzero};
+}
+
 // Sparsity of the weight of every prunable layer (Conv2d, Linear) in forward order.
 template <sequential_like Model>
 SparsityReport sparsity_report(const Model& model) {
-  torch::NoGradGuard no_grad;
   SparsityReport report;
-  for (const Layer& layer : prunable_layers(model)) {
-    const auto& w = layer.weight();
-    const std::int64_t nonzero = w.count_nonzero().template item<std::int64_t>();
-    report.layers.push_back(LayerSparsity{layer.name, layer.kind, w.numel(), w.numel() - nonzero});
-  }
+  for (const Layer& layer : prunable_layers(model)) report.layers.push_back(layer_sparsity(layer));
   return report;
 }
 

@@ -108,28 +108,13 @@ class Sparsifier final : public SparsifierInterface {
   }
 
   void apply() override {
-    torch::NoGradGuard no_grad;
-    for (auto& t : targets_) {
-      if (!t.keep.defined()) continue;
-      auto& w = t.layer.weight();
-      if (t.keep.device() != w.device()) t.move_masks(w.device());
-      w.mul_(t.keep);
-      if (Granularity::whole_channel) for_each_channel_tensor(t, [&](torch::Tensor& x) { x.mul_(t.keep_channels); });
-    }
+    for_each_masked([](torch::Tensor& x, const torch::Tensor& keep) { x.mul_(keep); });
   }
 
   void mask_gradients() override {
-    torch::NoGradGuard no_grad;
-    for (auto& t : targets_) {
-      if (!t.pruned.defined()) continue;
-      auto& w = t.layer.weight();
-      if (t.keep.device() != w.device()) t.move_masks(w.device());
-      if (w.grad().defined()) w.mutable_grad().mul_(t.keep);
-      if (Granularity::whole_channel)
-        for_each_channel_tensor(t, [&](torch::Tensor& x) {
-          if (x.grad().defined()) x.mutable_grad().mul_(t.keep_channels);
-        });
-    }
+    for_each_masked([](torch::Tensor& x, const torch::Tensor& keep) {
+      if (x.grad().defined()) x.mutable_grad().mul_(keep);
+    });
   }
 
   double sparsity() const override { return current_; }
@@ -137,13 +122,8 @@ class Sparsifier final : public SparsifierInterface {
   const SparsifierOptions& options() const { return options_; }
 
   SparsityReport report() const override {
-    torch::NoGradGuard no_grad;
     SparsityReport r;
-    for (const auto& t : targets_) {
-      const auto& w = t.layer.weight();
-      const auto nonzero = w.count_nonzero().template item<std::int64_t>();
-      r.layers.push_back({t.layer.name, t.layer.kind, w.numel(), w.numel() - nonzero});
-    }
+    for (const auto& t : targets_) r.layers.push_back(layer_sparsity(t.layer));
     return r;
   }
 
@@ -351,6 +331,22 @@ class Sparsifier final : public SparsifierInterface {
     }
     for (size_t i = 0; i < targets_.size(); ++i)  // commit
       targets_[i].set_masks(std::move(out[i].pruned), std::move(out[i].channels), out[i].groups);
+  }
+
+  // f(tensor, keep) for every masked tensor: each selected weight with its mask and, for Filter
+  // granularity, the channel tensors with the channel mask. Masks follow a model moved to
+  // another device.
+  template <class F>
+  void for_each_masked(F&& f) {
+    torch::NoGradGuard no_grad;
+    for (auto& t : targets_) {
+      if (!t.keep.defined()) continue;
+      auto& w = t.layer.weight();
+      if (t.keep.device() != w.device()) t.move_masks(w.device());
+      f(w, t.keep);
+      if (Granularity::whole_channel)
+        for_each_channel_tensor(t, [&](torch::Tensor& x) { f(x, t.keep_channels); });
+    }
   }
 
   // The per-channel tensors a removed filter takes with it: the layer's bias and the
