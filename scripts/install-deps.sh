@@ -4,6 +4,8 @@
 set -euo pipefail
 packages=(cmake g++ ninja-build ccache libtorch-dev librange-v3-dev catch2 libbenchmark-dev
           zlib1g-dev dataset-fashion-mnist
+          # Gloo's headers, which LibTorch's c10d process group includes (data-parallel training).
+          libgloo-dev
           # Debian's libtorch calls BLAS/LAPACK through the system alternative, which is the
           # unoptimized reference implementation unless OpenBLAS is installed: with it, the SVD
           # of VGG16's first Linear layer takes seconds instead of many minutes.
