@@ -6,7 +6,7 @@
 #include <fasterai/core/latency.hpp>
 #include <fasterai/core/layer_walk.hpp>
 #include <fasterai/core/sequential.hpp>
-#include <fasterai/core/state_dict.hpp>
+#include <fasterai/io/state_dict.hpp>
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>

@@ -14,7 +14,7 @@
 
 #include <caffe2/serialize/inline_container.h>
 
-#include <fasterai/core/state_dict.hpp>
+#include <fasterai/io/state_dict.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 
@@ -579,4 +579,36 @@ torch.save(torch.load(os.path.join(d, 'compact.pt'), weights_only=True),
   auto compact_back = models::compact_vgg();
   load_state_dict(compact_back, dir / "compact_back.pt");
   CHECK(same_state(snapshot(*compact), snapshot(*compact_back)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading in two steps, and the read limits.
+
+TEST_CASE("an already read state_dict loads with the same checks", "[state_dict]") {
+  TempDir dir;
+  torch::manual_seed(1);
+  nn::Linear source(3, 2);
+  save_state_dict(source, dir / "linear.pt");
+  StateDict state = read_state_dict(dir / "linear.pt");
+  nn::Linear target(3, 2);
+  load_state_dict(target, state);
+  CHECK(same_state(snapshot(*source), snapshot(*target)));
+
+  state.insert("extra", torch::zeros({1}));
+  nn::Linear other(3, 2);
+  const State before = snapshot(*other);
+  CHECK_THAT(error_of([&] { load_state_dict(other, state); }),
+             Catch::Contains("the given state_dict does not fit the model") &&
+                 Catch::Contains("unexpected key extra: file [1]"));
+  CHECK(same_state(before, snapshot(*other)));
+}
+
+TEST_CASE("the read limits refuse large storages and views, naming the limit", "[state_dict]") {
+  TempDir dir;
+  nn::Linear source(3, 2);
+  save_state_dict(source, dir / "linear.pt");
+  CHECK_THAT(error_of([&] { read_state_dict(dir / "linear.pt", ReadLimits().max_tensor_bytes(30)); }),
+             Catch::Contains("ReadLimits::max_tensor_bytes = 30") &&
+                 Catch::Contains("ReadLimits().max_tensor_bytes(n)"));
+  CHECK(read_state_dict(dir / "linear.pt", ReadLimits().max_tensor_bytes(32)).size() == 2);
 }

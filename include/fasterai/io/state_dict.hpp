@@ -47,6 +47,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
+#include <fasterai/io/read_limits.hpp>
 
 namespace fasterai {
 
@@ -61,31 +62,42 @@ class state_dict_error : public argument_error {
 using StateDict = torch::OrderedDict<std::string, torch::Tensor>;
 
 namespace detail {
-inline StateDict read_state_dict(std::string_view where, const std::filesystem::path& path);
+inline StateDict read_state_dict(std::string_view where, const std::filesystem::path& path,
+                                 const ReadLimits& limits);
 inline std::vector<std::pair<std::string, torch::Tensor>> state_of(const torch::nn::Module& model);
-inline void check_fits(std::string_view where, const std::filesystem::path& path,
+inline void check_fits(std::string_view where, std::string_view source,
                        const std::vector<std::pair<std::string, torch::Tensor>>& model_state,
                        const StateDict& file_state);
+inline void copy_state(const std::vector<std::pair<std::string, torch::Tensor>>& model_state,
+                       const StateDict& file_state);
+inline std::string describe(const std::filesystem::path& path);
 inline void write_state_dict(std::string_view where, const std::filesystem::path& path,
                              const std::vector<std::pair<std::string, torch::Tensor>>& state);
 }  // namespace detail
 
 // Copies the state_dict saved at `path` into `model`'s parameters and buffers (names as in
 // Python: `features.0.weight`, `features.1.running_mean`, `features.1.num_batches_tracked`).
-// On any error the model is left exactly as it was.
+// On any error the model is left exactly as it was. `limits` bound what reading the file may
+// cost (see read_limits.hpp).
 template <module M>
-void load_state_dict(M&& model, const std::filesystem::path& path) {
+void load_state_dict(M&& model, const std::filesystem::path& path,
+                     const ReadLimits& limits = ReadLimits()) {
   constexpr std::string_view where = "fasterai::load_state_dict";
   const torch::nn::Module& m = detail::impl(model);
-  const StateDict file_state = detail::read_state_dict(where, path);
+  const StateDict file_state = detail::read_state_dict(where, path, limits);
   const auto model_state = detail::state_of(m);
-  detail::check_fits(where, path, model_state, file_state);
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, target] : model_state) {
-    // copy_ keeps the target's device and dtype; check_fits allowed only lossless conversions.
-    torch::Tensor destination = target;
-    destination.copy_(file_state[name]);
-  }
+  detail::check_fits(where, detail::describe(path), model_state, file_state);
+  detail::copy_state(model_state, file_state);
+}
+
+// Copies an already read state_dict (from read_state_dict, perhaps edited) into `model` with
+// the same checks: every key, shape and dtype must fit, or nothing changes.
+template <module M>
+void load_state_dict(M&& model, const StateDict& state) {
+  constexpr std::string_view where = "fasterai::load_state_dict";
+  const auto model_state = detail::state_of(detail::impl(model));
+  detail::check_fits(where, "the given state_dict", model_state, state);
+  detail::copy_state(model_state, state);
 }
 
 // Writes `model`'s parameters and buffers to `path` in the format of Python's
@@ -101,8 +113,9 @@ void save_state_dict(const M& model, const std::filesystem::path& path) {
 
 // The state_dict saved at `path` as CPU tensors, without a model: to inspect a file, or to
 // load only part of it by hand.
-inline StateDict read_state_dict(const std::filesystem::path& path) {
-  return detail::read_state_dict("fasterai::read_state_dict", path);
+inline StateDict read_state_dict(const std::filesystem::path& path,
+                                 const ReadLimits& limits = ReadLimits()) {
+  return detail::read_state_dict("fasterai::read_state_dict", path, limits);
 }
 
 namespace detail {
@@ -144,7 +157,23 @@ inline bool converts_exactly(c10::ScalarType from, c10::ScalarType to) {
   }
 }
 
-inline void check_fits(std::string_view where, const std::filesystem::path& path,
+inline std::string describe(const std::filesystem::path& path) {
+  std::ostringstream os;
+  os << "the state_dict in " << path;
+  return os.str();
+}
+
+// copy_ keeps the target's device and dtype; check_fits allowed only lossless conversions.
+inline void copy_state(const std::vector<std::pair<std::string, torch::Tensor>>& model_state,
+                       const StateDict& file_state) {
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, target] : model_state) {
+    torch::Tensor destination = target;
+    destination.copy_(file_state[name]);
+  }
+}
+
+inline void check_fits(std::string_view where, std::string_view source,
                        const std::vector<std::pair<std::string, torch::Tensor>>& model_state,
                        const StateDict& file_state) {
   std::ostringstream problems;
@@ -167,7 +196,7 @@ inline void check_fits(std::string_view where, const std::filesystem::path& path
       problems << "\n  unexpected key " << item.key() << ": file " << item.value().sizes();
   if (!problems.str().empty()) {
     std::ostringstream os;
-    os << where << ": the state_dict in " << path
+    os << where << ": " << source
        << " does not fit the model; nothing was loaded:" << problems.str();
     throw state_dict_error(os.str());
   }
@@ -201,12 +230,14 @@ struct Value {
 
 }  // namespace pickle
 
-inline pickle::Value unpickle(caffe2::serialize::PyTorchStreamReader& archive);
+inline pickle::Value unpickle(caffe2::serialize::PyTorchStreamReader& archive,
+                             const ReadLimits& limits);
 
 inline std::unique_ptr<caffe2::serialize::PyTorchStreamReader> open_archive(
     const std::filesystem::path& path);
 
-inline StateDict read_state_dict(std::string_view where, const std::filesystem::path& path) {
+inline StateDict read_state_dict(std::string_view where, const std::filesystem::path& path,
+                                 const ReadLimits& limits) {
   auto fail = [&](std::string_view problem) {
     std::ostringstream os;
     os << where << ": cannot read " << path << ": " << problem;
@@ -227,7 +258,7 @@ inline StateDict read_state_dict(std::string_view where, const std::filesystem::
     }
     if (!archive->hasRecord("data.pkl"))
       fail("the zip archive has no data.pkl record: not a file written by torch.save");
-    root = unpickle(*archive);
+    root = unpickle(*archive, limits);
   } catch (const state_dict_error&) {
     throw;
   } catch (const std::bad_alloc&) {
@@ -375,8 +406,9 @@ enum class Op : std::uint8_t {
 
 class Unpickler {
  public:
-  Unpickler(std::string_view bytes, caffe2::serialize::PyTorchStreamReader& archive)
-      : bytes_(bytes), archive_(archive) {}
+  Unpickler(std::string_view bytes, caffe2::serialize::PyTorchStreamReader& archive,
+            const ReadLimits& limits)
+      : bytes_(bytes), archive_(archive), limits_(limits) {}
 
   Value run() {
     while (true) {
@@ -657,6 +689,16 @@ class Unpickler {
     if (!empty && last >= numel)
       fail("a tensor reaches past the end of its storage of " + std::to_string(numel) +
            " elements");
+    std::int64_t view_numel = 1;
+    for (std::int64_t n : size)
+      view_numel = n != 0 && view_numel > std::numeric_limits<std::int64_t>::max() / n
+                       ? std::numeric_limits<std::int64_t>::max()
+                       : view_numel * n;
+    if (view_numel > numel && view_numel - numel > limits_.max_view_elements())
+      fail(limit_exceeded("a tensor of " + std::to_string(view_numel) +
+                              " elements over a storage of " + std::to_string(numel) +
+                              " (a view that repeats values)",
+                          "max_view_elements", limits_.max_view_elements()));
     torch::Tensor t = flat.as_strided(size, stride, offset);
     if (requires_grad) t.set_requires_grad(true);
     return t;
@@ -688,6 +730,10 @@ class Unpickler {
         static_cast<std::uint64_t>(numel) != nbytes / element_size)
       fail("record " + record + " has " + std::to_string(nbytes) + " bytes, not " +
            std::to_string(numel) + " elements of " + std::string(c10::toString(*dtype)));
+    if (static_cast<std::uint64_t>(limits_.max_tensor_bytes() - tensor_bytes_) < nbytes)
+      fail(limit_exceeded("the storages' " + std::to_string(tensor_bytes_ + nbytes) + " bytes",
+                          "max_tensor_bytes", limits_.max_tensor_bytes()));
+    tensor_bytes_ += static_cast<std::int64_t>(nbytes);
     Storage storage{torch::empty({numel}, torch::TensorOptions().dtype(*dtype))};
     if (nbytes > 0) std::memcpy(storage.flat.data_ptr(), data.get(), nbytes);
     storages_.emplace(key, storage);
@@ -697,6 +743,8 @@ class Unpickler {
   std::string_view bytes_;
   std::size_t pos_ = 0;
   caffe2::serialize::PyTorchStreamReader& archive_;
+  ReadLimits limits_;
+  std::int64_t tensor_bytes_ = 0;
   std::vector<Value> stack_;
   std::vector<std::size_t> marks_;
   std::unordered_map<std::uint32_t, Value> memo_;
@@ -705,12 +753,14 @@ class Unpickler {
 
 }  // namespace pickle
 
-inline pickle::Value unpickle(caffe2::serialize::PyTorchStreamReader& archive) {
+inline pickle::Value unpickle(caffe2::serialize::PyTorchStreamReader& archive,
+                             const ReadLimits& limits) {
   // Storage records hold raw bytes in the writer's order, little-endian by default.
   if constexpr (std::endian::native != std::endian::little)
     throw std::runtime_error("reading state_dicts needs a little-endian machine");
   auto [data, size] = archive.getRecord("data.pkl");
-  return pickle::Unpickler(std::string_view(static_cast<const char*>(data.get()), size), archive)
+  return pickle::Unpickler(std::string_view(static_cast<const char*>(data.get()), size), archive,
+                           limits)
       .run();
 }
 
