@@ -1,8 +1,10 @@
 #pragma once
-// Layer walk: the leaf layers of a (possibly nested) Sequential in forward order, each with its
-// qualified state_dict name (`features.0`) and its kind. The sparsifier, the statistics and the
-// transforms all iterate on this view, so the type-erased `AnyModule` of a Sequential is
-// inspected in exactly one place (`kind_of`).
+// Layer walk: the leaf layers of a model, each with its qualified state_dict name
+// (`features.0`, `layer1.0.conv1`) and its kind. For a (possibly nested) Sequential they come in
+// forward order; for any other module in registration order (`named_modules`), since only a
+// forward pass can tell the order (see graph/trace.hpp). The sparsifier, the statistics and the
+// transforms all iterate on this view, so modules are told apart in exactly one place
+// (`kind_of`).
 
 #include <memory>
 #include <ostream>
@@ -80,16 +82,19 @@ constexpr bool is_prunable(LayerKind kind) {
 struct Layer {
   std::string name;                     // qualified state_dict prefix, e.g. "features.0"
   LayerKind kind = LayerKind::Other;
-  torch::nn::AnyModule module;          // shares the model's layer (not a copy)
+  torch::nn::AnyModule module;          // a Sequential's child (shares the model's layer); empty
+                                        // for layers of other modules, which cannot run alone
+  std::shared_ptr<torch::nn::Module> handle;  // the model's layer itself
 
   // The typed layer, or nullptr when it is not an `Impl`.
   template <class Impl>
   Impl* as() const {
-    return module.ptr()->as<Impl>();
+    return handle->as<Impl>();
   }
+  // Runs a Sequential's child on its own.
   torch::Tensor forward(const torch::Tensor& x) const {
-    torch::nn::AnyModule handle = module;  // a second handle on the same layer
-    return handle.forward(x);
+    torch::nn::AnyModule copy = module;  // a second handle on the same layer
+    return copy.forward(x);
   }
   // The weight of a prunable layer.
   torch::Tensor& weight() const {
@@ -133,29 +138,35 @@ inline void collect_layers(const torch::nn::SequentialImpl& seq, const std::stri
     if (const auto* nested = any.ptr()->as<torch::nn::SequentialImpl>()) {
       collect_layers(*nested, name, out);
     } else {
-      out.push_back(Layer{std::move(name), kind_of(*any.ptr()), any});
+      out.push_back(Layer{std::move(name), kind_of(*any.ptr()), any, any.ptr()});
     }
   });
 }
 
 }  // namespace detail
 
-// The leaf layers of `model` in forward order.
-template <sequential_like Model>
+// The leaf layers of `model`: in forward order for a Sequential, in registration order otherwise.
+template <module Model>
 LayerView layers(const Model& model) {
   auto out = std::make_shared<std::vector<Layer>>();
-  detail::collect_layers(detail::impl(model), "", *out);
+  if constexpr (sequential_like<Model>) {
+    detail::collect_layers(detail::impl(model), "", *out);
+  } else {
+    for (const auto& item : detail::impl(model).named_modules("", /*include_self=*/false))
+      if (item.value()->children().empty())
+        out->push_back(Layer{item.key(), kind_of(*item.value()), {}, item.value()});
+  }
   return LayerView(std::move(out));
 }
 
-// The leaf layers of `model` of one kind, in forward order.
-template <sequential_like Model>
+// The leaf layers of `model` of one kind.
+template <module Model>
 auto layers(const Model& model, LayerKind kind) {
   return layers(model) | ranges::views::filter([kind](const Layer& l) { return l.kind == kind; });
 }
 
-// The layers a sparsifier can score and mask (Conv2d and Linear), in forward order.
-template <sequential_like Model>
+// The layers a sparsifier can score and mask (Conv2d and Linear).
+template <module Model>
 auto prunable_layers(const Model& model) {
   return layers(model) | ranges::views::filter([](const Layer& l) { return is_prunable(l.kind); });
 }

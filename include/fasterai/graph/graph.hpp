@@ -1,0 +1,401 @@
+#pragma once
+// The channel-dependency graph: the layers and parameter-free operations of one forward pass in
+// execution order, and which channels must be removed together.
+//
+// Every tensor flowing through the network (a value) has one channel element per channel
+// (per feature after a Flatten). Operations relate the elements of their operands and result:
+//
+//   Conv2d, Linear          new elements for the output; the input is read, not coupled
+//   grouped Conv2d          input and output channels of one group become one element set
+//                           (a depthwise conv couples input c with output c)
+//   BatchNorm, activations, the output has the input's elements
+//   pooling, dropout, views
+//   add / sub / mul         the operands' channel c are one element: a residual stream is one
+//                           group
+//   cat along channels      the operands' elements side by side
+//   Flatten into a Linear   each channel's element repeated over the features it owns
+//   barrier                 anything else: its channels on either side are never removed
+//
+// Elements joined by these rules form a *unit*: channels that exist or vanish together in every
+// layer they touch. Units with the same producing layers form a *coupled group* (one residual
+// stage, one plain conv's output channels): what Local sparsity counts within and what the
+// Pruner keeps at least one unit of. The graph is built by `trace` (any module, from one
+// forward's autograd graph) or by `graph_of` (Sequentials, statically); both go through
+// `GraphBuilder`, so these rules live here only.
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <numeric>
+#include <ostream>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace fasterai {
+
+// What an operation does to channels.
+enum class OpKind {
+  Input,       // the model's input: its channels are never removed
+  Conv2d,      // a convolution (groups = 1 mixes all channels; grouped ones mix within groups)
+  Linear,      // mixes the input features into new output features
+  BatchNorm,   // per-channel affine with running statistics (BatchNorm2d, BatchNorm1d)
+  PerChannel,  // parameter-free and channel by channel: activations, pooling, dropout, views
+  Add,         // elementwise sum or difference: zero only where every operand is zero
+  Mul,         // elementwise product: zero where any operand is zero
+  Concat,      // operands' channels side by side
+  Flatten,     // each channel becomes a block of consecutive features
+  Barrier,     // not understood: the channels on either side are kept as they are
+};
+
+constexpr std::string_view to_string(OpKind kind) {
+  switch (kind) {
+    case OpKind::Input: return "Input";
+    case OpKind::Conv2d: return "Conv2d";
+    case OpKind::Linear: return "Linear";
+    case OpKind::BatchNorm: return "BatchNorm";
+    case OpKind::PerChannel: return "PerChannel";
+    case OpKind::Add: return "Add";
+    case OpKind::Mul: return "Mul";
+    case OpKind::Concat: return "Concat";
+    case OpKind::Flatten: return "Flatten";
+    case OpKind::Barrier: return "Barrier";
+  }
+  return "Barrier";
+}
+
+struct GraphNode {
+  OpKind kind = OpKind::Barrier;
+  std::string op;      // what ran: the autograd node ("ConvolutionBackward0") or the layer kind
+  std::string module;  // qualified name of the module it belongs to; empty for functional ops
+  std::vector<std::int64_t> inputs;  // values read, in operand order
+  std::int64_t output = -1;          // the value produced
+  std::int64_t groups = 1;           // Conv2d: the convolution's groups
+  bool zero_preserving = true;       // PerChannel: maps a zero channel to a zero channel
+  bool constant_operand = false;     // Add/Mul: an operand that is not traced (a constant)
+};
+
+struct GraphValue {
+  std::vector<std::int64_t> elements;  // one element per channel (per feature after Flatten)
+  std::vector<std::int64_t> shape;     // traced graphs only: the tensor's shape
+  std::int64_t producer = -1;          // the node that made it
+  std::int64_t channels() const { return static_cast<std::int64_t>(elements.size()); }
+};
+
+// A place where channels are kept because the graph cannot prove removing them exact.
+struct GraphBarrier {
+  std::string op;                    // the operation ("TransposeBackward0", "model output", ...)
+  std::vector<std::string> layers;   // the layers whose channels it protects
+};
+
+// A set of channels (one per layer it touches) removed or kept as one.
+struct ChannelUnit {
+  bool fixed = false;       // an input, output or barrier holds one of its channels
+  std::int64_t group = -1;  // its coupled group
+};
+
+struct CoupledGroup {
+  std::vector<std::string> producers;  // Conv2d/Linear layers whose outputs it holds
+  std::vector<std::int64_t> units;     // in element order of the first producer
+};
+
+class Graph {
+ public:
+  const std::vector<GraphNode>& nodes() const { return nodes_; }
+  const std::vector<GraphValue>& values() const { return values_; }
+  std::int64_t input() const { return input_; }
+  std::int64_t output() const { return output_; }
+  const std::vector<GraphBarrier>& barriers() const { return barriers_; }
+  // Conv2d/Linear/BatchNorm modules of the model that the forward pass never reached: their
+  // channels are not analysed, so nothing removes them.
+  const std::vector<std::string>& untraced_layers() const { return untraced_; }
+
+  std::int64_t unit_of(std::int64_t element) const { return unit_of_[element]; }
+  const std::vector<ChannelUnit>& units() const { return units_; }
+  const std::vector<CoupledGroup>& groups() const { return groups_; }
+
+  // Units of a value's channels.
+  std::vector<std::int64_t> units_of(std::int64_t value) const {
+    std::vector<std::int64_t> u;
+    for (auto e : values_[value].elements) u.push_back(unit_of_[e]);
+    return u;
+  }
+  // The nodes of one module (more than one when it is called more than once).
+  std::vector<std::int64_t> nodes_of(const std::string& module) const {
+    std::vector<std::int64_t> n;
+    for (std::size_t i = 0; i < nodes_.size(); ++i)
+      if (nodes_[i].module == module) n.push_back(static_cast<std::int64_t>(i));
+    return n;
+  }
+  // The nodes reading a value.
+  std::vector<std::int64_t> consumers(std::int64_t value) const {
+    std::vector<std::int64_t> c;
+    for (std::size_t i = 0; i < nodes_.size(); ++i)
+      if (std::find(nodes_[i].inputs.begin(), nodes_[i].inputs.end(), value) != nodes_[i].inputs.end())
+        c.push_back(static_cast<std::int64_t>(i));
+    return c;
+  }
+
+ private:
+  friend class GraphBuilder;
+  std::vector<GraphNode> nodes_;
+  std::vector<GraphValue> values_;
+  std::int64_t input_ = -1, output_ = -1;
+  std::vector<GraphBarrier> barriers_;
+  std::vector<std::string> untraced_;
+  std::vector<std::int64_t> unit_of_;
+  std::vector<ChannelUnit> units_;
+  std::vector<CoupledGroup> groups_;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const Graph& g) {
+  for (std::size_t i = 0; i < g.nodes().size(); ++i) {
+    const auto& n = g.nodes()[i];
+    os << i << ": " << to_string(n.kind) << " " << n.op;
+    if (!n.module.empty()) os << " '" << n.module << "'";
+    os << " (";
+    for (std::size_t k = 0; k < n.inputs.size(); ++k) os << (k ? ", " : "") << "v" << n.inputs[k];
+    os << ") -> v" << n.output << " [" << g.values()[n.output].channels() << "]\n";
+  }
+  for (const auto& b : g.barriers()) {
+    os << "barrier " << b.op << " keeps the channels of";
+    for (const auto& l : b.layers) os << " '" << l << "'";
+    os << "\n";
+  }
+  return os;
+}
+
+// Builds a Graph node by node, applying the channel rules of the banner. Values are ids
+// returned by each call.
+class GraphBuilder {
+ public:
+  std::int64_t input(std::int64_t channels, std::vector<std::int64_t> shape = {}) {
+    auto v = fresh_value(channels, std::move(shape));
+    fix(v);
+    graph_.input_ = add_node({OpKind::Input, "input", "", {}, v}, v);
+    return v;
+  }
+
+  // A Conv2d or Linear layer reading `in` and making `out_channels` new channels.
+  std::int64_t layer(OpKind kind, std::string op, std::string module, std::int64_t in,
+                     std::int64_t out_channels, std::int64_t groups = 1,
+                     std::vector<std::int64_t> shape = {}) {
+    auto v = fresh_value(out_channels, std::move(shape));
+    if (groups > 1) {
+      const auto& ins = graph_.values_[in].elements;
+      const auto in_per = static_cast<std::int64_t>(ins.size()) / groups;
+      const auto out_per = out_channels / groups;
+      for (std::int64_t g = 0; g < groups; ++g) {
+        const auto anchor = graph_.values_[v].elements[g * out_per];
+        for (std::int64_t k = 0; k < out_per; ++k) join(anchor, graph_.values_[v].elements[g * out_per + k]);
+        for (std::int64_t k = 0; k < in_per; ++k) join(anchor, ins[g * in_per + k]);
+      }
+    }
+    GraphNode n{kind, std::move(op), module, {in}, v};
+    n.groups = groups;
+    couple_shared_call(module, in, v);
+    add_node(std::move(n), v);
+    return v;
+  }
+
+  std::int64_t batch_norm(std::string op, std::string module, std::int64_t in,
+                          std::vector<std::int64_t> shape = {}) {
+    auto v = alias_value(in, std::move(shape));
+    couple_shared_call(module, in, v);
+    add_node({OpKind::BatchNorm, std::move(op), std::move(module), {in}, v}, v);
+    return v;
+  }
+
+  std::int64_t per_channel(std::string op, std::int64_t in, bool zero_preserving,
+                           std::vector<std::int64_t> shape = {}) {
+    auto v = alias_value(in, std::move(shape));
+    GraphNode n{OpKind::PerChannel, std::move(op), "", {in}, v};
+    n.zero_preserving = zero_preserving;
+    add_node(std::move(n), v);
+    return v;
+  }
+
+  // add/sub (kind Add) or mul (kind Mul) of same-channel operands; `constant_operand` when an
+  // operand is not traced. Operands broadcast over channels (one channel) are kept as they are.
+  std::int64_t elementwise(OpKind kind, std::string op, std::vector<std::int64_t> operands,
+                           bool constant_operand, std::vector<std::int64_t> shape = {}) {
+    std::int64_t channels = 0;
+    for (auto o : operands) channels = std::max(channels, graph_.values_[o].channels());
+    std::vector<std::int64_t> full;
+    for (auto o : operands) {
+      if (graph_.values_[o].channels() == channels) {
+        full.push_back(o);
+      } else {  // broadcast over channels: acts like a constant on the others
+        fix(o);
+        constant_operand = true;
+      }
+    }
+    auto v = alias_value(full.front(), std::move(shape));
+    for (std::size_t k = 1; k < full.size(); ++k)
+      for (std::int64_t c = 0; c < channels; ++c)
+        join(graph_.values_[full[0]].elements[c], graph_.values_[full[k]].elements[c]);
+    GraphNode n{kind, std::move(op), "", operands, v};
+    n.constant_operand = constant_operand;
+    add_node(std::move(n), v);
+    return v;
+  }
+
+  // Channels of `operands` side by side (cat along the channel dimension).
+  std::int64_t concat(std::string op, const std::vector<std::int64_t>& operands,
+                      std::vector<std::int64_t> shape = {}) {
+    auto v = new_value(std::move(shape));
+    for (auto o : operands) {
+      const auto& e = graph_.values_[o].elements;
+      graph_.values_[v].elements.insert(graph_.values_[v].elements.end(), e.begin(), e.end());
+    }
+    add_node({OpKind::Concat, std::move(op), "", operands, v}, v);
+    return v;
+  }
+
+  // Each channel of `in` becomes `block` consecutive features.
+  std::int64_t flatten(std::string op, std::int64_t in, std::int64_t block,
+                       std::vector<std::int64_t> shape = {}) {
+    auto v = new_value(std::move(shape));
+    for (auto e : graph_.values_[in].elements)
+      graph_.values_[v].elements.insert(graph_.values_[v].elements.end(), static_cast<std::size_t>(block), e);
+    add_node({OpKind::Flatten, std::move(op), "", {in}, v}, v);
+    return v;
+  }
+
+  // An operation whose effect on channels is not known: everything around it is kept.
+  std::int64_t barrier(std::string op, std::string module, const std::vector<std::int64_t>& operands,
+                       std::int64_t out_channels, std::vector<std::int64_t> shape = {}) {
+    auto v = fresh_value(std::max<std::int64_t>(out_channels, 0), std::move(shape));
+    for (auto o : operands) fix(o);
+    fix(v);
+    add_node({OpKind::Barrier, op, std::move(module), operands, v}, v);
+    pending_barriers_.push_back({std::move(op), operands, v});
+    return v;
+  }
+
+  void output(std::int64_t v) {
+    fix(v);
+    graph_.output_ = v;
+    pending_barriers_.push_back({"model output", {v}, -1});
+  }
+
+  void untraced(std::string layer) { graph_.untraced_.push_back(std::move(layer)); }
+
+  const GraphValue& value(std::int64_t v) const { return graph_.values_[v]; }
+
+  // Resolve units and coupled groups; the builder is spent afterwards.
+  Graph finish() &&;
+
+ private:
+  struct PendingBarrier {
+    std::string op;
+    std::vector<std::int64_t> inputs;
+    std::int64_t output;
+  };
+
+  std::int64_t new_value(std::vector<std::int64_t> shape) {
+    graph_.values_.push_back({{}, std::move(shape), -1});
+    return static_cast<std::int64_t>(graph_.values_.size()) - 1;
+  }
+  std::int64_t fresh_value(std::int64_t channels, std::vector<std::int64_t> shape) {
+    auto v = new_value(std::move(shape));
+    auto& e = graph_.values_[v].elements;
+    e.resize(static_cast<std::size_t>(channels));
+    for (auto& x : e) {
+      x = static_cast<std::int64_t>(parent_.size());
+      parent_.push_back(x);
+    }
+    return v;
+  }
+  std::int64_t alias_value(std::int64_t in, std::vector<std::int64_t> shape = {}) {
+    auto v = new_value(std::move(shape));
+    graph_.values_[v].elements = graph_.values_[in].elements;
+    return v;
+  }
+  std::int64_t add_node(GraphNode n, std::int64_t v) {
+    graph_.nodes_.push_back(std::move(n));
+    const auto id = static_cast<std::int64_t>(graph_.nodes_.size()) - 1;
+    graph_.values_[v].producer = id;
+    return id;
+  }
+  std::int64_t find(std::int64_t x) {
+    while (parent_[x] != x) x = parent_[x] = parent_[parent_[x]];
+    return x;
+  }
+  void join(std::int64_t a, std::int64_t b) {
+    a = find(a), b = find(b);
+    if (a != b) parent_[std::max(a, b)] = std::min(a, b);
+  }
+  void fix(std::int64_t v) {
+    for (auto e : graph_.values_[v].elements) fixed_.push_back(e);
+  }
+  // A module called a second time reads and writes the same channels as the first time.
+  void couple_shared_call(const std::string& module, std::int64_t in, std::int64_t out) {
+    if (module.empty()) return;
+    auto [it, first] = first_call_.try_emplace(module, in, out);
+    if (first) return;
+    auto pair_up = [&](std::int64_t a, std::int64_t b) {
+      const auto& ea = graph_.values_[a].elements;
+      const auto& eb = graph_.values_[b].elements;
+      for (std::size_t k = 0; k < std::min(ea.size(), eb.size()); ++k) join(ea[k], eb[k]);
+    };
+    pair_up(it->second.first, in);
+    pair_up(it->second.second, out);
+  }
+
+  Graph graph_;
+  std::vector<std::int64_t> parent_;
+  std::vector<std::int64_t> fixed_;
+  std::vector<PendingBarrier> pending_barriers_;
+  std::map<std::string, std::pair<std::int64_t, std::int64_t>> first_call_;
+};
+
+inline Graph GraphBuilder::finish() && {
+  Graph& g = graph_;
+  // Units: one per element class, numbered in order of first appearance.
+  const auto elements = static_cast<std::int64_t>(parent_.size());
+  std::vector<std::int64_t> unit_of_root(static_cast<std::size_t>(elements), -1);
+  g.unit_of_.assign(static_cast<std::size_t>(elements), -1);
+  for (std::int64_t e = 0; e < elements; ++e) {
+    auto r = find(e);
+    if (unit_of_root[r] < 0) {
+      unit_of_root[r] = static_cast<std::int64_t>(g.units_.size());
+      g.units_.push_back({});
+    }
+    g.unit_of_[e] = unit_of_root[r];
+  }
+  for (auto e : fixed_) g.units_[g.unit_of_[e]].fixed = true;
+
+  // Coupled groups: units with the same producing layers.
+  std::vector<std::set<std::string>> producers(g.units_.size());
+  for (const auto& n : g.nodes_)
+    if (n.kind == OpKind::Conv2d || n.kind == OpKind::Linear)
+      for (auto e : g.values_[n.output].elements) producers[g.unit_of_[e]].insert(n.module);
+  std::map<std::set<std::string>, std::int64_t> group_of;
+  for (std::size_t u = 0; u < g.units_.size(); ++u) {
+    auto [it, added] = group_of.try_emplace(producers[u], static_cast<std::int64_t>(g.groups_.size()));
+    if (added) g.groups_.push_back({{producers[u].begin(), producers[u].end()}, {}});
+    g.units_[u].group = it->second;
+    g.groups_[it->second].units.push_back(static_cast<std::int64_t>(u));
+  }
+
+  // Name each barrier's protected layers: the producers of the units it holds.
+  for (const auto& b : pending_barriers_) {
+    std::set<std::string> layers;
+    auto collect = [&](std::int64_t v) {
+      if (v < 0) return;
+      for (auto e : g.values_[v].elements)
+        for (const auto& p : producers[g.unit_of_[e]]) layers.insert(p);
+    };
+    for (auto v : b.inputs) collect(v);
+    collect(b.output);
+    g.barriers_.push_back({b.op, {layers.begin(), layers.end()}});
+  }
+  return std::move(g);
+}
+
+}  // namespace fasterai
