@@ -1,0 +1,327 @@
+// ResNet and MobileNetV2: counts, names, shapes, initialization, and logits against torchvision.
+#include <catch2/catch.hpp>
+
+#include <stdlib.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fasterai/core/statistics.hpp>
+#include <fasterai/io/state_dict.hpp>
+#include <fasterai/models/mobilenet_v2.hpp>
+#include <fasterai/models/resnet.hpp>
+
+using namespace fasterai;
+
+namespace {
+
+struct ZooModel {
+  std::string name;  // torchvision's constructor
+  std::function<std::shared_ptr<torch::nn::Module>(std::int64_t)> make;
+  std::int64_t classes_1000, classes_10;  // torchvision 0.14: sum(p.numel() for p in parameters())
+};
+
+const std::vector<ZooModel>& zoo() {
+  static const std::vector<ZooModel> models{
+      {"resnet18", [](std::int64_t n) { return models::resnet18(n).ptr(); }, 11'689'512,
+       11'181'642},
+      {"resnet34", [](std::int64_t n) { return models::resnet34(n).ptr(); }, 21'797'672,
+       21'289'802},
+      {"resnet50", [](std::int64_t n) { return models::resnet50(n).ptr(); }, 25'557'032,
+       23'528'522},
+      {"mobilenet_v2", [](std::int64_t n) { return models::mobilenet_v2(n).ptr(); }, 3'504'872,
+       2'236'682},
+  };
+  return models;
+}
+
+// The forward of a zoo model behind a type-erased module pointer.
+torch::Tensor forward(torch::nn::Module& model, const torch::Tensor& x) {
+  if (auto* resnet = model.as<models::ResNetImpl>()) return resnet->forward(x);
+  if (auto* mobilenet = model.as<models::MobileNetV2Impl>()) return mobilenet->forward(x);
+  FAIL("not a zoo model");
+  return {};
+}
+
+// A fresh directory under the system's temporary directory, removed with everything in it.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "fasterai_zoo_XXXXXX").string();
+    REQUIRE(mkdtemp(pattern.data()) != nullptr);
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+};
+
+// Runs `script` with the oracle's Python, the temporary directory as its argument.
+void run_python(const TempDir& dir, const std::string& script) {
+  const auto file = dir.path / "oracle.py";
+  std::ofstream(file) << script;
+  const std::string cmd = std::string(FASTERAI_PYTHON) + " " + file.string() + " " +
+                          dir.path.string();
+  REQUIRE(std::system(cmd.c_str()) == 0);
+}
+
+double max_abs(const torch::Tensor& t) { return t.abs().max().item<double>(); }
+
+}  // namespace
+
+TEST_CASE("Zoo parameter counts equal torchvision's for 10 and 1000 classes", "[zoo]") {
+  for (const auto& m : zoo()) {
+    INFO(m.name);
+    CHECK(count_parameters(*m.make(1000)) == m.classes_1000);
+    CHECK(count_parameters(*m.make(10)) == m.classes_10);
+  }
+}
+
+TEST_CASE("Zoo models run forward and backward on small images", "[zoo]") {
+  torch::manual_seed(0);
+  for (const auto& m : zoo()) {
+    INFO(m.name);
+    auto model = m.make(10);
+    auto x = torch::randn({2, 3, 64, 64});
+    auto y = forward(*model, x);
+    CHECK(y.sizes() == torch::IntArrayRef({2, 10}));
+    y.sum().backward();
+    // Every parameter takes part in the forward: each one gets a gradient.
+    for (const auto& p : model->named_parameters()) {
+      INFO(p.key());
+      CHECK(p.value().grad().defined());
+    }
+  }
+}
+
+TEST_CASE("Zoo models follow torchvision's initialization", "[zoo]") {
+  torch::manual_seed(0);
+  auto resnet = models::resnet50(10);
+  // Kaiming normal, fan_out, ReLU: std = sqrt(2 / (out * kh * kw)).
+  CHECK(resnet->conv1->weight.std().item<double>() ==
+        Approx(std::sqrt(2.0 / (64 * 49))).epsilon(0.05));
+  const auto& conv2 = resnet->named_parameters()["layer3.2.conv2.weight"];
+  CHECK(conv2.std().item<double>() == Approx(std::sqrt(2.0 / (256 * 9))).epsilon(0.05));
+  for (const auto& b : resnet->named_buffers()) {
+    INFO(b.key());
+    if (b.key().ends_with("running_mean")) CHECK(max_abs(b.value()) == 0.0);
+    if (b.key().ends_with("running_var")) CHECK(b.value().eq(1).all().item<bool>());
+  }
+  CHECK(resnet->bn1->weight.eq(1).all().item<bool>());
+  CHECK(max_abs(resnet->bn1->bias) == 0.0);
+  CHECK(resnet->named_parameters()["layer4.2.bn3.weight"].eq(1).all().item<bool>());
+  // torchvision leaves `fc` at nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)), bias too.
+  const double bound = 1.0 / std::sqrt(2048.0);
+  CHECK(max_abs(resnet->fc->weight) <= bound);
+  CHECK(resnet->fc->weight.std().item<double>() == Approx(bound / std::sqrt(3.0)).epsilon(0.05));
+  CHECK(max_abs(resnet->fc->bias) <= bound);
+  CHECK(max_abs(resnet->fc->bias) > 0.0);
+
+  auto zero_init = models::ResNet(
+      models::ResNetOptions(models::ResNetBlock::Basic, {2, 2, 2, 2}).zero_init_residual(true));
+  for (const auto& p : zero_init->named_parameters()) {
+    INFO(p.key());
+    if (p.key().ends_with("bn2.weight")) CHECK(max_abs(p.value()) == 0.0);
+    if (p.key().ends_with("bn1.weight")) CHECK(p.value().eq(1).all().item<bool>());
+  }
+
+  auto mobilenet = models::mobilenet_v2(10);
+  auto p = mobilenet->named_parameters();
+  // A depthwise 3x3 conv has weight [C, 1, 3, 3]: fan_out = C * 9.
+  CHECK(p["features.2.conv.1.0.weight"].sizes() == torch::IntArrayRef({96, 1, 3, 3}));
+  CHECK(p["features.2.conv.1.0.weight"].std().item<double>() ==
+        Approx(std::sqrt(2.0 / (96 * 9))).epsilon(0.1));
+  CHECK(p["features.18.1.weight"].eq(1).all().item<bool>());
+  CHECK(p["classifier.1.weight"].std().item<double>() == Approx(0.01).epsilon(0.05));
+  CHECK(max_abs(p["classifier.1.bias"]) == 0.0);
+  auto* dropout = mobilenet->classifier->ptr(0)->as<torch::nn::DropoutImpl>();
+  REQUIRE(dropout != nullptr);
+  CHECK(dropout->options.p() == 0.2);
+}
+
+TEST_CASE("Zoo residual connections are where torchvision puts them", "[zoo]") {
+  torch::manual_seed(0);
+  // A BasicBlock without projection adds its input; with one, the projection of its input.
+  models::BasicBlock same(8, 8), down(8, 16, 2);
+  CHECK(same->downsample.is_empty());
+  REQUIRE_FALSE(down->downsample.is_empty());
+  for (auto* block : {same.get(), down.get()}) {
+    block->eval();
+    torch::NoGradGuard no_grad;
+    for (auto& b : block->named_buffers())
+      if (b.key().ends_with("running_mean")) b.value().uniform_(-0.5, 0.5);
+    auto x = torch::randn({2, 8, 8, 8});
+    auto main = block->bn2->forward(
+        block->conv2->forward(torch::relu(block->bn1->forward(block->conv1->forward(x)))));
+    auto shortcut = block->downsample ? block->downsample->forward(x) : x;
+    CHECK(torch::allclose(block->forward(x), torch::relu(main + shortcut)));
+  }
+  // An InvertedResidual adds its input only at stride 1 with equal widths.
+  CHECK(models::InvertedResidual(16, 16, 1, 6)->use_res_connect());
+  CHECK_FALSE(models::InvertedResidual(16, 16, 2, 6)->use_res_connect());
+  CHECK_FALSE(models::InvertedResidual(16, 24, 1, 6)->use_res_connect());
+  models::InvertedResidual block(16, 16, 1, 6);
+  auto x = torch::randn({1, 16, 8, 8});
+  CHECK(torch::allclose(block->forward(x), x + block->conv->forward(x)));
+}
+
+TEST_CASE("Zoo models clone deeply", "[zoo]") {
+  torch::manual_seed(0);
+  for (const auto& m : zoo()) {
+    INFO(m.name);
+    auto model = m.make(10);
+    model->eval();
+    auto copy = model->clone();
+    CHECK_FALSE(copy->is_training());
+    const auto ours = model->named_parameters();
+    const auto theirs = copy->named_parameters();
+    REQUIRE(ours.keys() == theirs.keys());
+    for (const auto& p : ours) {
+      INFO(p.key());
+      CHECK(torch::equal(p.value(), theirs[p.key()]));
+      CHECK(p.value().data_ptr() != theirs[p.key()].data_ptr());
+    }
+    CHECK(copy->named_buffers().keys() == model->named_buffers().keys());
+    torch::NoGradGuard no_grad;
+    auto x = torch::randn({1, 3, 32, 32});
+    CHECK(torch::equal(forward(*model, x), forward(*copy, x)));
+  }
+}
+
+TEST_CASE("Zoo models reject bad options", "[zoo]") {
+  using models::ResNetBlock;
+  using models::ResNetOptions;
+  CHECK_THROWS_AS(models::resnet18(0), argument_error);
+  CHECK_THROWS_WITH(models::resnet50(0), Catch::Contains("num_classes") && Catch::Contains("0"));
+  CHECK_THROWS_WITH(models::ResNet(ResNetOptions(ResNetBlock::Basic, {2, 2, 2})),
+                    Catch::Contains("layers.size()") && Catch::Contains("3"));
+  CHECK_THROWS_WITH(models::ResNet(ResNetOptions(ResNetBlock::Bottleneck, {3, 0, 6, 3})),
+                    Catch::Contains("layers") && Catch::Contains(">= 1"));
+  CHECK_THROWS_WITH(models::Bottleneck(64, 64, 0), Catch::Contains("stride"));
+  CHECK_THROWS_WITH(models::InvertedResidual(16, 16, 3, 6),
+                    Catch::Contains("stride") && Catch::Contains("1 or 2"));
+  CHECK_THROWS_WITH(models::mobilenet_v2(-1), Catch::Contains("num_classes"));
+  CHECK_THROWS_WITH(models::MobileNetV2(models::MobileNetV2Options().width_mult(0)),
+                    Catch::Contains("width_mult"));
+  CHECK_THROWS_WITH(models::MobileNetV2(models::MobileNetV2Options().dropout(1)),
+                    Catch::Contains("dropout") && Catch::Contains("[0, 1)"));
+}
+
+TEST_CASE("Zoo names, shapes and module trees equal torchvision's (Python oracle)",
+          "[zoo][python]") {
+  if (std::string(FASTERAI_PYTHON).empty()) {
+    WARN("python3 with torchvision not found: oracle comparison skipped");
+    return;
+  }
+  TempDir dir;
+  // One line per parameter (p), buffer (b) and submodule (m), in torchvision's order.
+  run_python(dir, R"(
+import sys, torchvision.models as m
+with open(sys.argv[1] + '/shapes.txt', 'w') as out:
+    for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2', 'mobilenet_v2@0.5']:
+        ctor, _, width = name.partition('@')
+        for classes in [10, 1000]:
+            kw = {'width_mult': float(width)} if width else {}
+            net = getattr(m, ctor)(num_classes=classes, **kw)
+            tag = f'{name}/{classes}'
+            for k, v in net.named_parameters(): print(tag, 'p', k, *v.shape, file=out)
+            for k, v in net.named_buffers(): print(tag, 'b', k, *v.shape, file=out)
+            for k, _ in net.named_modules():
+                if k: print(tag, 'm', k, file=out)
+)");
+  std::map<std::string, std::vector<std::string>> oracle;
+  std::ifstream in(dir.path / "shapes.txt");
+  for (std::string line; std::getline(in, line);) {
+    const auto space = line.find(' ');
+    oracle[line.substr(0, space)].push_back(line.substr(space + 1));
+  }
+  auto describe = [](const torch::nn::Module& model) {
+    std::vector<std::string> lines;
+    auto add = [&](const char* kind, const std::string& key, const torch::Tensor& t) {
+      std::ostringstream os;
+      os << kind << ' ' << key;
+      for (auto d : t.sizes()) os << ' ' << d;
+      lines.push_back(os.str());
+    };
+    for (const auto& p : model.named_parameters()) add("p", p.key(), p.value());
+    for (const auto& b : model.named_buffers()) add("b", b.key(), b.value());
+    for (const auto& c : model.named_modules("", /*include_self=*/false))
+      lines.push_back("m " + c.key());
+    return lines;
+  };
+  std::size_t compared = 0;
+  for (std::int64_t classes : {10, 1000}) {
+    for (const auto& m : zoo()) {
+      const auto tag = m.name + "/" + std::to_string(classes);
+      INFO(tag);
+      REQUIRE(oracle.count(tag) == 1);
+      CHECK(describe(*m.make(classes)) == oracle[tag]);
+      ++compared;
+    }
+    const auto tag = "mobilenet_v2@0.5/" + std::to_string(classes);
+    INFO(tag);
+    REQUIRE(oracle.count(tag) == 1);
+    models::MobileNetV2 half(models::MobileNetV2Options().num_classes(classes).width_mult(0.5));
+    CHECK(describe(*half) == oracle[tag]);
+    ++compared;
+  }
+  CHECK(compared == oracle.size());
+}
+
+TEST_CASE("Zoo models loaded from Python's state_dict give PyTorch's logits (Python oracle)",
+          "[zoo][python]") {
+  if (std::string(FASTERAI_PYTHON).empty()) {
+    WARN("python3 with torchvision not found: oracle comparison skipped");
+    return;
+  }
+  TempDir dir;
+  // Eval-mode models with random BatchNorm statistics and affine parameters (the defaults,
+  // mean 0 and variance 1, would hide a mistake in their names or order).
+  run_python(dir, R"(
+import sys, torch, torchvision.models as m
+torch.manual_seed(0)
+for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2']:
+    net = getattr(m, name)(num_classes=10).eval()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.num_batches_tracked.fill_(7)
+        x = torch.randn(2, 3, 64, 64)
+        y = net(x)
+    torch.save(net.state_dict(), f'{sys.argv[1]}/{name}.pt')
+    torch.save({'input': x, 'logits': y}, f'{sys.argv[1]}/{name}_io.pt')
+)");
+  for (const auto& m : zoo()) {
+    INFO(m.name);
+    torch::manual_seed(1);  // our own random init, overwritten by the file
+    auto model = m.make(10);
+    load_state_dict(*model, dir.path / (m.name + ".pt"));
+    for (const auto& b : model->named_buffers())
+      if (b.key().ends_with("num_batches_tracked")) CHECK(b.value().item<std::int64_t>() == 7);
+    const auto io = read_state_dict(dir.path / (m.name + "_io.pt"));
+    const auto& expected = io["logits"];
+    model->eval();
+    torch::NoGradGuard no_grad;
+    const auto logits = forward(*model, io["input"]);
+    REQUIRE(logits.sizes() == expected.sizes());
+    const double scale = max_abs(expected);
+    const double difference = max_abs(logits - expected);
+    INFO("max |logit| " << scale << ", max |difference| " << difference);
+    CHECK(scale > 0.0);
+    CHECK(difference <= 1e-4 * scale);
+  }
+}
