@@ -426,3 +426,64 @@ TEST_CASE("Learner trains the compact VGG on a Fashion-MNIST subset", "[learner]
   CHECK(records.back().metrics[0] > 0.5);  // 10 classes: chance is 0.1
   CHECK(records.back().valid_loss < std::log(10.0));
 }
+
+TEST_CASE("Learner rebuilds its optimizer after parameters change shape", "[learner]") {
+  // An in-place pruning shrinks parameters with set_data (same tensors, new shapes); the
+  // optimizer's state of the old shapes must not be stepped with the new gradients.
+  torch::manual_seed(5);
+  auto model = fixtures::mlp(16);
+  const auto data = fixtures::blobs(96, 16, 2);
+  std::ostringstream out;
+  Learner learn(model, data, {}, quiet(out));
+  learn.fit(1, 1e-2);
+  CHECK_FALSE(learn.optimizer_is_stale());
+  const auto* before = &learn.optimizer();
+
+  {  // keep the first 8 hidden units, as Pruner::prune_ would
+    torch::NoGradGuard no_grad;
+    auto& first = *model[0]->as<torch::nn::Linear>();
+    auto& second = *model[2]->as<torch::nn::Linear>();
+    first.weight.set_data(first.weight.narrow(0, 0, 8).clone());
+    first.bias.set_data(first.bias.narrow(0, 0, 8).clone());
+    second.weight.set_data(second.weight.narrow(1, 0, 8).clone());
+  }
+  CHECK(learn.optimizer_is_stale());
+
+  // The second fit must equal a fresh Adam (same options) on the shrunk model.
+  auto reference = fixtures::mlp(8);
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < model->parameters().size(); ++i)
+      reference->parameters()[i].copy_(model->parameters()[i]);
+  }
+  REQUIRE_NOTHROW(learn.fit(1, 1e-2));
+  CHECK(&learn.optimizer() != before);
+  CHECK_FALSE(learn.optimizer_is_stale());
+  CHECK(learn.state().optimizer == &learn.optimizer());
+  for (const auto& p : learn.optimizer().param_groups()[0].params()) CHECK(p.size(0) <= 8);
+
+  torch::optim::Adam adam(reference->parameters(),
+                          torch::optim::AdamOptions(1e-2).betas({0.9, 0.99}).eps(1e-5));
+  for (const auto& batch : data) {
+    adam.zero_grad();
+    F::cross_entropy(reference->forward(batch.data), batch.target).backward();
+    adam.step();
+  }
+  for (size_t i = 0; i < model->parameters().size(); ++i)
+    CHECK(torch::allclose(model->parameters()[i], reference->parameters()[i], 1e-6, 1e-7));
+
+  // fit_one_cycle notices too, and the public rebuild drops the state.
+  {
+    torch::NoGradGuard no_grad;
+    auto& second = *model[2]->as<torch::nn::Linear>();
+    second.weight.set_data(second.weight.narrow(0, 0, 3).clone().contiguous());
+    auto& first = *model[0]->as<torch::nn::Linear>();
+    first.weight.set_data(first.weight.narrow(0, 0, 6).clone());
+    first.bias.set_data(first.bias.narrow(0, 0, 6).clone());
+    second.weight.set_data(second.weight.narrow(1, 0, 6).clone());
+  }
+  REQUIRE_NOTHROW(learn.fit_one_cycle(1, 1e-2));
+  CHECK_FALSE(learn.optimizer().state().empty());
+  learn.rebuild_optimizer();
+  CHECK(learn.optimizer().state().empty());
+}

@@ -92,6 +92,25 @@ enum class Progress {
   None,   // only the table
 };
 
+// What a Learner needs to train data-parallel, one process per replica: every rank runs the
+// same Learner on its own shard of the data, and this averages the gradients and sums the
+// metrics. fasterai::dist::DataParallel (fasterai/dist/data_parallel.hpp) implements it over a
+// LibTorch c10d process group; the Learner itself depends on no communication library.
+class ParallelContext {
+ public:
+  virtual ~ParallelContext() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // Give every rank rank 0's parameters and buffers.
+  virtual void broadcast_model(torch::nn::Module& model) = 0;
+  // Give every rank rank 0's buffers (BatchNorm statistics drift apart between shards).
+  virtual void broadcast_buffers(torch::nn::Module& model) = 0;
+  // Replace each parameter's gradient by its mean over the ranks.
+  virtual void average_gradients(const std::vector<torch::Tensor>& parameters) = 0;
+  // Element-wise sums over the ranks.
+  virtual std::vector<double> sum(std::vector<double> values) = 0;
+};
+
 using OptimizerFactory =
     std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor> parameters)>;
 
@@ -116,6 +135,13 @@ struct LearnerOptions {
   TORCH_ARG(std::string, csv_log);
   TORCH_ARG(detail::ostream_ptr, out) = &std::cout;  // table, progress and callback reports; nullptr: silent
   TORCH_ARG(Progress, progress) = Progress::Auto;
+  // Train data-parallel: the model is broadcast from rank 0 at construction and at each fit,
+  // gradients are averaged after every backward (before any callback's before_step, so
+  // sparsification sees the averaged gradients), validation sums are reduced so every rank
+  // reports the same numbers, and only rank 0 prints and writes the CSV log (on the others
+  // `out` and `csv_log` are cleared). Every rank must give the same number of training
+  // batches per epoch (dist::shard does). nullptr: one process.
+  TORCH_ARG(std::shared_ptr<ParallelContext>, parallel) = nullptr;
 };
 
 // One row of the table.
@@ -148,7 +174,8 @@ class Learner {
                                          std::vector<CallbackRef> callbacks = {},
                                          const OneCycleOptions& one_cycle = {});
   // Loss and metrics over the validation batches (or `data`), in eval mode without autograd.
-  // The Learner's callbacks see these batches as in a fit's validation phase.
+  // The Learner's callbacks see these batches as in a fit's validation phase. Data-parallel,
+  // every rank must call it (each validates its shard; the sums are reduced).
   ValidationResult validate();
   ValidationResult validate(const data::Batches& data);
 
@@ -159,6 +186,15 @@ class Learner {
   torch::nn::Module& model() noexcept { return *module_; }
   torch::Tensor forward(const torch::Tensor& x) { return forward_(x); }
   torch::optim::Optimizer& optimizer() noexcept { return *optimizer_; }
+  // Build a fresh optimizer from the options over the model's current parameters, dropping
+  // the old one's state (momenta, Adam's averages) and gradients whose shape no longer fits
+  // their parameter. fit and fit_one_cycle do this themselves
+  // when a parameter was replaced or changed shape since the optimizer was built (an in-place
+  // Pruner::prune_ shrinks weights with set_data): state of the old shapes cannot be stepped.
+  void rebuild_optimizer();
+  // True when the optimizer no longer matches the model's parameters (a parameter added,
+  // removed, replaced or reshaped since it was built).
+  bool optimizer_is_stale() const;
   const LearnerOptions& options() const noexcept { return options_; }
   const data::Batches& train_data() const noexcept { return train_; }
   const data::Batches& valid_data() const noexcept { return valid_; }
@@ -166,6 +202,11 @@ class Learner {
   const std::vector<EpochRecord>& history() const noexcept { return history_; }
   // Where training stands (what callbacks see).
   const TrainingState& state() const noexcept { return state_; }
+  // Make the next fit (or fit_one_cycle) start at `epoch` of its epochs, as if the earlier
+  // ones had run: schedules (one-cycle, a SparsifyCallback's progress) pick up where a
+  // checkpointed run left off, and does not reseed the generator. Used once; 0 is a normal
+  // fit.
+  void resume_at_epoch(int epoch);
 
  private:
   std::shared_ptr<torch::nn::Module> module_;
@@ -174,10 +215,13 @@ class Learner {
   data::Batches valid_;
   LearnerOptions options_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  // The parameters the optimizer was built over (identity and shape), to notice a stale one.
+  std::vector<std::pair<const void*, std::vector<std::int64_t>>> optimized_;
   CallbackList callbacks_;
   TrainingState state_;
   std::vector<EpochRecord> history_;
   bool csv_started_ = false;
+  int resume_epoch_ = 0;
 
   using Hyper = std::function<void(double pct_train)>;
   void check_fit(const char* where, int epochs, double lr, const char* lr_name) const;
@@ -441,22 +485,74 @@ Learner::Learner(Model model, data::Batches train, data::Batches valid, LearnerO
                   "TORCH_MODULE type); wrap an implementation with std::make_shared and its holder");
   }
   module_->to(options_.device());
-  optimizer_ = detail::make_optimizer(options_, module_->parameters());
+  if (auto& parallel = options_.parallel()) {
+    check_argument(parallel->world_size() >= 1 && parallel->rank() >= 0 &&
+                       parallel->rank() < parallel->world_size(),
+                   where, "parallel", parallel->rank(), "a rank in [0, world_size)");
+    if (parallel->rank() != 0) {
+      options_.out(nullptr);
+      options_.csv_log("");
+    }
+    parallel->broadcast_model(*module_);
+  }
+  rebuild_optimizer();
   state_.model = module_.get();
-  state_.optimizer = optimizer_.get();
   state_.out = options_.out();
   state_.n_iter = static_cast<std::int64_t>(train_.size());
+}
+
+namespace detail {
+
+inline std::vector<std::pair<const void*, std::vector<std::int64_t>>> parameter_signature(
+    const torch::nn::Module& module) {
+  std::vector<std::pair<const void*, std::vector<std::int64_t>>> out;
+  for (const auto& p : module.parameters())
+    out.emplace_back(p.unsafeGetTensorImpl(), p.sizes().vec());
+  return out;
+}
+
+}  // namespace detail
+
+inline void Learner::rebuild_optimizer() {
+  // Gradients of the old shapes would be added to the new ones by the next backward.
+  for (auto& p : module_->parameters())
+    if (p.grad().defined() && p.grad().sizes() != p.sizes()) p.mutable_grad() = torch::Tensor();
+  auto fresh = detail::make_optimizer(options_, module_->parameters());
+  optimized_ = detail::parameter_signature(*module_);
+  optimizer_ = std::move(fresh);
+  state_.optimizer = optimizer_.get();
+}
+
+inline bool Learner::optimizer_is_stale() const {
+  // Identity and sizes only: a few pointer and shape compares per parameter, no tensor data.
+  const auto params = module_->parameters();
+  if (params.size() != optimized_.size()) return true;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (params[i].unsafeGetTensorImpl() != optimized_[i].first ||
+        params[i].sizes() != c10::IntArrayRef(optimized_[i].second))
+      return true;
+  return false;
+}
+
+inline void Learner::resume_at_epoch(int epoch) {
+  detail::check_argument(epoch >= 0, "fasterai::Learner::resume_at_epoch", "epoch", epoch,
+                         "an epoch >= 0");
+  resume_epoch_ = epoch;
 }
 
 inline void Learner::check_fit(const char* where, int epochs, double lr, const char* lr_name) const {
   using detail::check_argument;
   check_argument(epochs >= 1, where, "epochs", epochs, "a count >= 1");
+  check_argument(resume_epoch_ < epochs, where, "epochs", epochs,
+                 detail::concat("more epochs than the epoch to resume at (",
+                                std::to_string(resume_epoch_), ")"));
   check_argument(std::isfinite(lr) && lr > 0, where, lr_name, lr, "a positive, finite learning rate");
   check_argument(!train_.empty(), where, "train", "no batches", "training data with at least one batch");
 }
 
 inline std::vector<EpochRecord> Learner::fit(int epochs, double lr, std::vector<CallbackRef> callbacks) {
   check_fit("fasterai::Learner::fit", epochs, lr, "lr");
+  if (optimizer_is_stale()) rebuild_optimizer();
   set_learning_rate(*optimizer_, lr);
   return run_fit(epochs, nullptr, std::move(callbacks));
 }
@@ -465,6 +561,7 @@ inline std::vector<EpochRecord> Learner::fit_one_cycle(int epochs, double max_lr
                                                        std::vector<CallbackRef> callbacks,
                                                        const OneCycleOptions& one_cycle) {
   check_fit("fasterai::Learner::fit_one_cycle", epochs, max_lr, "max_lr");
+  if (optimizer_is_stale()) rebuild_optimizer();
   const OneCycle schedule(max_lr, one_cycle);
   const auto saved = detail::momenta(*optimizer_);
   const bool cycle = one_cycle.cycle_momentum();
@@ -488,7 +585,8 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
   for (auto& cb : extra) callbacks.add(std::move(cb));
   detail::Reporter report(options_, !csv_started_);
   csv_started_ = true;
-  if (options_.seed()) torch::manual_seed(*options_.seed());
+  // A resumed fit keeps the generator where the checkpoint put it.
+  if (options_.seed() && resume_epoch_ == 0) torch::manual_seed(*options_.seed());
 
   auto& s = state_;
   s = TrainingState{};
@@ -497,14 +595,28 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
   s.out = options_.out();
   s.n_epochs = epochs;
   s.n_iter = static_cast<std::int64_t>(train_.size());
+  const int first_epoch = std::exchange(resume_epoch_, 0);
+  s.epoch = first_epoch;
+  s.train_iter = static_cast<std::int64_t>(first_epoch) * s.n_iter;
 
   const bool was_training = module_->is_training();
   std::vector<EpochRecord> records;
   try {
+    if (auto& parallel = options_.parallel()) {
+      // Ranks that disagree on the batches per epoch would wait on each other's all-reduces:
+      // Σn² · W = (Σn)² holds exactly when every rank has the same n.
+      const auto n = static_cast<double>(s.n_iter);
+      const auto sums = parallel->sum({n, n * n});
+      if (sums[1] * parallel->world_size() != sums[0] * sums[0])
+        detail::throw_argument_error("fasterai::Learner::fit", "train", s.n_iter,
+                                     "the same number of training batches on every rank (see "
+                                     "fasterai::dist::shard)");
+      parallel->broadcast_model(*module_);
+    }
     callbacks.before_fit(s);
     report.header();
     detail::SmoothLoss smooth;
-    for (int epoch = 0; epoch < epochs; ++epoch) {
+    for (int epoch = first_epoch; epoch < epochs; ++epoch) {
       const auto start = std::chrono::steady_clock::now();
       s.epoch = epoch;
       s.iter = 0;
@@ -526,6 +638,10 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
       EpochRecord record;
       record.epoch = epoch;
       record.train_loss = smooth.value();
+      // The smoothed loss is linear in the per-batch losses, so the mean of the ranks' values
+      // is the smoothed loss of the global batches' mean losses.
+      if (auto& parallel = options_.parallel())
+        record.train_loss = parallel->sum({record.train_loss})[0] / parallel->world_size();
       if (!valid_.empty()) {
         const auto valid_start = std::chrono::steady_clock::now();
         const auto total = static_cast<std::int64_t>(valid_.size());
@@ -579,6 +695,7 @@ inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackLi
                                  s.loss.defined() ? s.loss.sizes() : c10::IntArrayRef{},
                                  "a loss function (or callback) that returns a scalar");
   s.loss.backward();
+  if (auto& parallel = options_.parallel()) parallel->average_gradients(module_->parameters());
   callbacks.before_step(s);
   optimizer_->step();
   callbacks.after_step(s);
@@ -604,6 +721,8 @@ inline ValidationResult Learner::validate(const data::Batches& data) {
 inline ValidationResult Learner::run_validation(const data::Batches& data, CallbackList& callbacks,
                                                 const std::function<void()>& tick) {
   torch::NoGradGuard no_grad;
+  auto& parallel = options_.parallel();
+  if (parallel) parallel->broadcast_buffers(*module_);
   module_->eval();
   auto& s = state_;
   s.training = false;
@@ -624,6 +743,14 @@ inline ValidationResult Learner::run_validation(const data::Batches& data, Callb
     ++s.iter;
     if (tick) tick();
   });
+  if (parallel) {  // each rank saw its shard: sums and counts add up to the whole set
+    std::vector<double> sums{loss_sum, static_cast<double>(count)};
+    sums.insert(sums.end(), metric_sums.begin(), metric_sums.end());
+    sums = parallel->sum(std::move(sums));
+    loss_sum = sums[0];
+    count = static_cast<std::int64_t>(sums[1]);
+    std::copy(sums.begin() + 2, sums.end(), metric_sums.begin());
+  }
   ValidationResult result;
   result.examples = count;
   if (count > 0) result.loss = loss_sum / double(count);
