@@ -1,0 +1,126 @@
+#pragma once
+// Inference optimization: a model turned into a frozen, optimized TorchScript module that is
+// called like a model.
+//
+//   fasterai::InferenceModel fast = fasterai::optimize_for_inference(model, example_input);
+//   torch::Tensor y = fast(x);                     // or fast->forward(x); fast->save("m.pt")
+//
+// The steps, each of which can be switched off to measure what it buys:
+//   1. eval mode, on a copy: the user's model keeps its mode and its tensors;
+//   2. BatchNorm folded into the convolution or linear layer before it (fasterai::BNFolder);
+//   3. export by tracing (fasterai::to_torchscript: one path, see there);
+//   4. torch::jit::freeze: parameters become constants, the graph is inlined and cleaned;
+//   5. torch::jit::optimize_for_inference: conv–BN/ReLU/add fusion, oneDNN (MKLDNN) layouts and
+//      prepacked weights where LibTorch's build has them.
+// Python's equivalent is torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
+// model.eval(), x))). The result works for inputs of the example's shape; other shapes may run
+// slower or, where the trace captured a shape, fail.
+
+#include <filesystem>
+#include <string>
+#include <utility>
+
+#include <torch/csrc/jit/api/module.h>
+#include <torch/torch.h>
+
+#include <fasterai/core/concepts.hpp>
+#include <fasterai/core/error.hpp>
+#include <fasterai/core/sequential.hpp>
+#include <fasterai/deploy/torchscript.hpp>
+#include <fasterai/transform/bn_folder.hpp>
+
+namespace fasterai {
+
+struct OptimizeOptions {
+  OptimizeOptions() = default;
+  TORCH_ARG(bool, fold_batch_norm) = true;  // step 2 (Sequential-like models)
+  TORCH_ARG(bool, freeze) = true;           // step 4
+  TORCH_ARG(bool, optimize) = true;         // step 5 (implies freezing)
+};
+
+// What optimize_for_inference did.
+struct OptimizeReport {
+  bool was_training = false;            // the model was in training mode (it still is)
+  std::size_t batch_norms_folded = 0;   // by step 2
+  bool frozen = false;
+  bool optimized = false;
+};
+
+// A TorchScript module behind a module interface: `forward(x)` runs it, so the latency harness
+// and user code call it like the model it came from. It has no parameters of its own (a frozen
+// module's weights are constants of its graph): take statistics from the source model.
+class InferenceModelImpl : public torch::nn::Module {
+ public:
+  InferenceModelImpl(torch::jit::Module module, torch::jit::Module portable, OptimizeReport report)
+      : torch::nn::Module("fasterai::InferenceModel"),
+        module_(std::move(module)),
+        portable_(std::move(portable)),
+        report_(report) {}
+
+  torch::Tensor forward(torch::Tensor x) { return module_.forward({std::move(x)}).toTensor(); }
+
+  // Python's torch.jit.load and LibTorch's torch::jit::load read the file. It holds the module
+  // before step 5: the oneDNN constants that optimize_for_inference creates do not serialize
+  // in LibTorch 1.13 (saving succeeds, loading fails, in Python too), so whoever loads the
+  // file applies torch.jit.optimize_for_inference again, on their machine.
+  void save(const std::filesystem::path& path) const { portable_.save(path.string()); }
+
+  torch::jit::Module& script_module() { return module_; }
+  const OptimizeReport& report() const { return report_; }
+
+ private:
+  torch::jit::Module module_;
+  torch::jit::Module portable_;
+  OptimizeReport report_;
+};
+TORCH_MODULE(InferenceModel);
+
+// The model, optimized for inference on inputs like `example_input` (see the banner). The model
+// is left as it was; when it was in training mode a warning says that the result computes the
+// eval-mode function. Errors of the export (fasterai::argument_error) pass through.
+template <traceable_module Model>
+InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example_input,
+                                      const OptimizeOptions& options = {}) {
+  constexpr auto where = "fasterai::optimize_for_inference";
+  auto& m = detail::impl(model);
+  OptimizeReport report;
+  report.was_training = detail::any_training(m);
+  if (report.was_training)
+    TORCH_WARN(where, ": the model is in training mode; the optimized copy is in eval mode "
+               "(BatchNorm uses its running statistics, Dropout is off) and the model keeps its "
+               "mode");
+
+  torch::jit::Module exported;
+  bool folded_copy = false;
+  if constexpr (sequential_like<Model>) {
+    if (options.fold_batch_norm()) {
+      // The BNFolder returns a new model in eval mode; the input is untouched.
+      BNFolder folder;
+      auto folded = folder.fold(model);
+      report.batch_norms_folded = folder.report().folded.size();
+      exported = to_torchscript(folded, example_input);
+      folded_copy = true;
+    }
+  }
+  if (!folded_copy) {
+    // Trace the model itself in eval mode, then give it its mode back; the export shares the
+    // model's tensors, so it is deep-copied below before anything is frozen into constants.
+    detail::EvalModeGuard eval(m);
+    exported = to_torchscript(model, example_input);
+  }
+  exported = exported.deepcopy();  // own tensors: later changes to the model do not leak in
+  exported.eval();
+  if (options.freeze() || options.optimize()) {
+    exported = torch::jit::freeze(exported);
+    report.frozen = true;
+  }
+  // optimize_for_inference rewrites a frozen module's graph in place: keep a savable copy.
+  torch::jit::Module portable = options.optimize() ? exported.clone() : exported;
+  if (options.optimize()) {
+    exported = torch::jit::optimize_for_inference(exported);
+    report.optimized = true;
+  }
+  return InferenceModel(std::move(exported), std::move(portable), report);
+}
+
+}  // namespace fasterai
