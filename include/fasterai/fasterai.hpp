@@ -12,6 +12,8 @@
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
 #include <fasterai/models/compact_vgg.hpp>
+#include <fasterai/models/mobilenet_v2.hpp>
+#include <fasterai/models/resnet.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/sparse/concepts.hpp>
 #include <fasterai/sparse/criteria.hpp>
