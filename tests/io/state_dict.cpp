@@ -18,26 +18,14 @@
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 
+#include "io_testing.hpp"
+
 namespace fs = std::filesystem;
 namespace nn = torch::nn;
 using namespace fasterai;
+using namespace io_testing;
 
 namespace {
-
-// A fresh directory under the system's temporary directory, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("fasterai-state-dict-" + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
-};
 
 using State = std::vector<std::pair<std::string, torch::Tensor>>;
 
@@ -70,27 +58,6 @@ void randomize_buffers(nn::Module& model) {
     else
       b.value().uniform_(0.5, 1.5);
   }
-}
-
-// The message of the state_dict_error that `f` raises; any other exception fails the test.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const state_dict_error& e) {
-    return e.what();
-  }
-  return "(no state_dict_error raised)";
-}
-
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_bytes(const fs::path& path, std::string_view bytes) {
-  std::ofstream(path, std::ios::binary)
-      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 // Raw little-endian float32 files: how tensors cross to and from Python in these tests.
@@ -130,50 +97,6 @@ void run_python(const TempDir& dir, const std::string& script) {
   write_bytes(dir / "script.py", script);
   const std::string cmd = python() + " " + (dir / "script.py").string() + " " + dir.path.string();
   REQUIRE(std::system(cmd.c_str()) == 0);
-}
-
-// Pickle bytes written opcode by opcode (Python's Lib/pickletools.py documents each one).
-struct Pickle {
-  std::string bytes;
-  Pickle& raw(std::initializer_list<int> codes) {
-    for (int c : codes) bytes += static_cast<char>(c);
-    return *this;
-  }
-  Pickle& text(std::string_view s) {
-    bytes += s;
-    return *this;
-  }
-  Pickle& str(std::string_view s) {  // BINUNICODE: 4-byte little-endian length, UTF-8
-    const auto n = static_cast<std::uint32_t>(s.size());
-    return raw({'X', int(n & 0xff), int((n >> 8) & 0xff), int((n >> 16) & 0xff), int(n >> 24)})
-        .text(s);
-  }
-  Pickle& global(std::string_view module, std::string_view name) {
-    return raw({'c'}).text(module).raw({'\n'}).text(name).raw({'\n'});
-  }
-};
-
-// Python's pickle of a one-entry OrderedDict {'weight': 2x3 float tensor in storage '0'} in the
-// opcodes torch.save uses (SETITEM, not SETITEMS), with `_metadata` set by BUILD and holding
-// values that reach MEMOIZE, BINFLOAT, LONG1, BININT, BININT2 and LONG_BINPUT/LONG_BINGET.
-std::string one_entry_pickle() {
-  Pickle p;
-  p.raw({0x80, 2}).global("collections", "OrderedDict").raw({'q', 0, ')', 'R', 'q', 1});
-  p.raw({0x8c, 6}).text("weight");  // SHORT_BINUNICODE
-  p.global("torch._utils", "_rebuild_tensor_v2").raw({'r', 2, 0, 0, 0});
-  p.raw({'(', '('}).str("storage").global("torch", "FloatStorage").str("0").str("cpu");
-  p.raw({'K', 6, 't', 'Q'});                                          // BINPERSID
-  p.raw({'K', 0, 'K', 2, 'K', 3, 0x86, 'K', 3, 'K', 1, 0x86, 0x89});  // offset, size, stride
-  p.raw({'h', 0, ')', 'R', 't', 'R', 's'});                           // hooks; SETITEM
-  p.raw({'}', 0x94}).str("_metadata").raw({'h', 0, ')', 'R', '('}).str("").raw({'}', '('});
-  p.str("version").raw({'K', 1});
-  p.str("x").raw({'G', 0x3f, 0xf8, 0, 0, 0, 0, 0, 0});  // 1.5
-  p.str("y").raw({0x8a, 2, 0x00, 0x80});                // -32768
-  p.str("z").raw({'J', 0xff, 0xff, 0xff, 0xff});        // -1
-  p.str("w").raw({'M', 0, 1});                          // 256
-  p.str("v").raw({'j', 2, 0, 0, 0});
-  p.raw({'u', 'u', 's', 'b', '.'});
-  return p.bytes;
 }
 
 }  // namespace

@@ -241,16 +241,13 @@ inline void check_version(TorchArchive& archive) {
                              " bytes, not a version number");
   std::string text = archive.zip().read_string(*record);
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
-  std::uint64_t version = 0;
-  bool number = !text.empty() && text.size() <= 19;  // 19 digits never overflow 64 bits
-  for (char c : text) {
-    if (c < '0' || c > '9') number = false;
-    if (number) version = version * 10 + static_cast<std::uint64_t>(c - '0');
-  }
-  if (!number)
+  const bool digits = !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
+  if (!digits)
     throw std::runtime_error("the version record holds '" + text.substr(0, 32) +
                              "', not a version number");
   constexpr std::uint64_t oldest = 1, newest = 10;
+  // Beyond 19 digits the number does not fit in 64 bits, and is beyond `newest` anyway.
+  const std::uint64_t version = text.size() > 19 ? UINT64_MAX : std::stoull(text);
   if (version < oldest || version > newest)
     throw std::runtime_error("the archive has format version " + text +
                              "; this reader reads versions " + std::to_string(oldest) + " to " +
