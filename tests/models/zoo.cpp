@@ -198,6 +198,40 @@ TEST_CASE("Zoo models clone deeply", "[zoo]") {
   }
 }
 
+TEST_CASE("Zoo models clone their children's current shapes, not the constructor's",
+          "[zoo]") {
+  // What an in-place pruning does to layer1.0 of a ResNet-18: conv1 and bn1 keep 5 of their 64
+  // channels, conv2 reads 5. A clone rebuilt from the blocks' options would have 64 again.
+  torch::manual_seed(0);
+  auto model = models::resnet18(10);
+  auto& block = *model->layer1->ptr(0)->as<models::BasicBlockImpl>();
+  {
+    torch::NoGradGuard no_grad;
+    block.conv1->weight.set_data(block.conv1->weight.narrow(0, 0, 5).clone());
+    block.conv1->options.out_channels(5);
+    for (auto* t : {&block.bn1->weight, &block.bn1->bias, &block.bn1->running_mean,
+                    &block.bn1->running_var})
+      t->set_data(t->narrow(0, 0, 5).clone());
+    block.bn1->options.num_features(5);
+    block.conv2->weight.set_data(block.conv2->weight.narrow(1, 0, 5).clone());
+    block.conv2->options.in_channels(5);
+  }
+  model->eval();
+  auto copy = std::dynamic_pointer_cast<models::ResNetImpl>(model->clone());
+  REQUIRE(copy != nullptr);
+  auto& copied = *copy->layer1->ptr(0)->as<models::BasicBlockImpl>();
+  CHECK(copied.conv1->weight.sizes() == torch::IntArrayRef({5, 64, 3, 3}));
+  CHECK(copied.bn1->running_var.sizes() == torch::IntArrayRef({5}));
+  CHECK(copied.conv2->weight.sizes() == torch::IntArrayRef({64, 5, 3, 3}));
+  CHECK(copied.conv2->weight.data_ptr() != block.conv2->weight.data_ptr());
+  // The members are the registered children, so forward uses the cloned layers.
+  CHECK(copied.conv1.ptr() == copied.named_children()["conv1"]);
+  CHECK(copy->layer1.ptr() == copy->named_children()["layer1"]);
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 3, 32, 32});
+  CHECK(torch::equal(copy->forward(x), model->forward(x)));
+}
+
 TEST_CASE("Zoo models reject bad options", "[zoo]") {
   using models::ResNetBlock;
   using models::ResNetOptions;
@@ -217,17 +251,42 @@ TEST_CASE("Zoo models reject bad options", "[zoo]") {
                     Catch::Contains("dropout") && Catch::Contains("[0, 1)"));
 }
 
-TEST_CASE("Zoo names, shapes and module trees equal torchvision's (Python oracle)",
+// One Python run (its start-up dominates): names, shapes and module trees of torchvision's
+// models, then state_dicts both ways and the logits they give.
+TEST_CASE("Zoo models equal torchvision's: names, shapes, state_dicts and logits (Python oracle)",
           "[zoo][python]") {
   if (std::string(FASTERAI_PYTHON).empty()) {
     WARN("python3 with torchvision not found: oracle comparison skipped");
     return;
   }
   TempDir dir;
-  // One line per parameter (p), buffer (b) and submodule (m), in torchvision's order.
+  // Eval-mode models with random BatchNorm statistics and affine parameters (the defaults,
+  // mean 0 and variance 1, would hide a mistake in their names or order).
+  auto randomize_batch_norms = [](torch::nn::Module& model) {
+    torch::NoGradGuard no_grad;
+    for (auto& module : model.modules()) {
+      if (auto* bn = module->as<torch::nn::BatchNorm2dImpl>()) {
+        bn->weight.uniform_(0.5, 1.5);
+        bn->bias.uniform_(-0.2, 0.2);
+        bn->running_mean.uniform_(-0.2, 0.2);
+        bn->running_var.uniform_(0.5, 1.5);
+      }
+    }
+  };
+  // Our models, saved for Python: torchvision's models must load them strictly.
+  torch::manual_seed(2);
+  std::vector<std::shared_ptr<torch::nn::Module>> ours;
+  for (const auto& m : zoo()) {
+    ours.push_back(m.make(10));
+    randomize_batch_norms(*ours.back());
+    ours.back()->eval();
+    save_state_dict(*ours.back(), dir.path / ("ours_" + m.name + ".pt"));
+  }
   run_python(dir, R"(
-import sys, torchvision.models as m
-with open(sys.argv[1] + '/shapes.txt', 'w') as out:
+import sys, torch, torchvision.models as m
+d = sys.argv[1]
+# One line per parameter (p), buffer (b) and submodule (m), in torchvision's order.
+with open(d + '/shapes.txt', 'w') as out:
     for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2', 'mobilenet_v2@0.5']:
         ctor, _, width = name.partition('@')
         for classes in [10, 1000]:
@@ -238,6 +297,22 @@ with open(sys.argv[1] + '/shapes.txt', 'w') as out:
             for k, v in net.named_buffers(): print(tag, 'b', k, *v.shape, file=out)
             for k, _ in net.named_modules():
                 if k: print(tag, 'm', k, file=out)
+torch.manual_seed(0)
+for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2']:
+    net = getattr(m, name)(num_classes=10).eval()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.num_batches_tracked.fill_(7)
+        x = torch.randn(2, 3, 64, 64)
+        y = net(x)
+        torch.save(net.state_dict(), f'{d}/{name}.pt')
+        net.load_state_dict(torch.load(f'{d}/ours_{name}.pt'), strict=True)
+        torch.save({'input': x, 'logits': y, 'ours_logits': net(x)}, f'{d}/{name}_io.pt')
 )");
   std::map<std::string, std::vector<std::string>> oracle;
   std::ifstream in(dir.path / "shapes.txt");
@@ -276,52 +351,33 @@ with open(sys.argv[1] + '/shapes.txt', 'w') as out:
     ++compared;
   }
   CHECK(compared == oracle.size());
-}
 
-TEST_CASE("Zoo models loaded from Python's state_dict give PyTorch's logits (Python oracle)",
-          "[zoo][python]") {
-  if (std::string(FASTERAI_PYTHON).empty()) {
-    WARN("python3 with torchvision not found: oracle comparison skipped");
-    return;
-  }
-  TempDir dir;
-  // Eval-mode models with random BatchNorm statistics and affine parameters (the defaults,
-  // mean 0 and variance 1, would hide a mistake in their names or order).
-  run_python(dir, R"(
-import sys, torch, torchvision.models as m
-torch.manual_seed(0)
-for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2']:
-    net = getattr(m, name)(num_classes=10).eval()
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.num_batches_tracked.fill_(7)
-        x = torch.randn(2, 3, 64, 64)
-        y = net(x)
-    torch.save(net.state_dict(), f'{sys.argv[1]}/{name}.pt')
-    torch.save({'input': x, 'logits': y}, f'{sys.argv[1]}/{name}_io.pt')
-)");
-  for (const auto& m : zoo()) {
-    INFO(m.name);
-    torch::manual_seed(1);  // our own random init, overwritten by the file
-    auto model = m.make(10);
-    load_state_dict(*model, dir.path / (m.name + ".pt"));
-    for (const auto& b : model->named_buffers())
-      if (b.key().ends_with("num_batches_tracked")) CHECK(b.value().item<std::int64_t>() == 7);
-    const auto io = read_state_dict(dir.path / (m.name + "_io.pt"));
-    const auto& expected = io["logits"];
-    model->eval();
-    torch::NoGradGuard no_grad;
-    const auto logits = forward(*model, io["input"]);
+  auto check_close = [](const torch::Tensor& logits, const torch::Tensor& expected) {
     REQUIRE(logits.sizes() == expected.sizes());
     const double scale = max_abs(expected);
     const double difference = max_abs(logits - expected);
     INFO("max |logit| " << scale << ", max |difference| " << difference);
     CHECK(scale > 0.0);
     CHECK(difference <= 1e-4 * scale);
+  };
+  for (std::size_t i = 0; i < zoo().size(); ++i) {
+    const auto& m = zoo()[i];
+    INFO(m.name);
+    const auto io = read_state_dict(dir.path / (m.name + "_io.pt"));
+    torch::NoGradGuard no_grad;
+    {
+      INFO("Python's weights in our model");
+      torch::manual_seed(1);  // our own random init, overwritten by the file
+      auto model = m.make(10);
+      load_state_dict(*model, dir.path / (m.name + ".pt"));
+      for (const auto& b : model->named_buffers())
+        if (b.key().ends_with("num_batches_tracked")) CHECK(b.value().item<std::int64_t>() == 7);
+      model->eval();
+      check_close(forward(*model, io["input"]), io["logits"]);
+    }
+    {
+      INFO("our weights in torchvision's model");
+      check_close(forward(*ours[i], io["input"]), io["ours_logits"]);
+    }
   }
 }
