@@ -19,7 +19,8 @@ usage: scripts/launch.sh --nproc N [options] -- PROGRAM [ARGS...]
   --nnodes M         machines in the job (default 1)
   --node-rank K      this machine's index in [0, M) (default 0)
   --master-addr A    address of rank 0's machine (default 127.0.0.1)
-  --master-port P    TCP port of rank 0's store (default 29500)
+  --master-port P    TCP port of rank 0's store (default 29500; 'auto': a port of this
+                     machine nothing listens on, for single-machine jobs)
   --grace S          seconds between SIGTERM and SIGKILL when stopping (default 5)
 EOF
 }
@@ -45,6 +46,14 @@ is_count "$nproc" && (( nproc >= 1 )) || fail "--nproc '$nproc' is not allowed; 
 is_count "$nnodes" && (( nnodes >= 1 )) || fail "--nnodes '$nnodes' is not allowed; expected a count >= 1"
 is_count "$node_rank" && (( node_rank < nnodes )) ||
   fail "--node-rank '$node_rank' is not allowed; expected an index in [0, $nnodes)"
+if [[ "$master_port" == auto ]]; then
+  (( nnodes == 1 )) || fail "--master-port auto is for single-machine jobs; give the port to every machine"
+  for _ in $(seq 100); do
+    candidate=$(( 20000 + RANDOM % 40000 ))
+    # A refused connection means nothing listens there.
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then master_port=$candidate; break; fi
+  done
+fi
 is_count "$master_port" && (( master_port >= 1 && master_port <= 65535 )) ||
   fail "--master-port '$master_port' is not allowed; expected a TCP port in [1, 65535]"
 is_count "$grace" || fail "--grace '$grace' is not allowed; expected whole seconds"

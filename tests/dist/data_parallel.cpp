@@ -11,10 +11,12 @@
 #include <fasterai/dist/checkpoint.hpp>
 #include <fasterai/dist/consistency.hpp>
 #include <fasterai/dist/data_parallel.hpp>
+#include <fasterai/dist/launched_job.hpp>
 #include <fasterai/dist/process_group.hpp>
 #include <fasterai/dist/shard.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
+#include <fasterai/train/knowledge_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
 
@@ -97,7 +99,8 @@ struct RunResult {
   int checks = 0, mismatches = 0;
 };
 
-// One fit of kEpochs with gradual sparsification, data-parallel when `group` is given.
+// One fit of kEpochs with distillation from a fixed teacher (run by each rank on its shard)
+// and gradual sparsification, data-parallel when `group` is given.
 RunResult run(const std::shared_ptr<dist::ProcessGroup>& group, const std::string& checkpoint,
               int kill_rank, std::shared_ptr<dist::DataParallel>* parallel_out = nullptr) {
   const int rank = group ? group->rank() : 0, world = group ? group->world_size() : 1;
@@ -119,7 +122,9 @@ RunResult run(const std::shared_ptr<dist::ProcessGroup>& group, const std::strin
   // The sparsifier is made after the Learner broadcast rank 0's weights.
   TestSparsifier sparsifier(model, SparsifierOptions(60).include_linear(true));
   SparsifyCallback sparsify(sparsifier);
-  std::vector<CallbackRef> callbacks{sparsify};
+  torch::manual_seed(99);  // the same teacher on every rank
+  KnowledgeDistillation kd(small_cnn(), /*temperature=*/3.0, /*alpha=*/0.5);
+  std::vector<CallbackRef> callbacks{kd, sparsify};
   std::shared_ptr<dist::Checkpoint> saver;
   if (!checkpoint.empty()) {
     saver = std::make_shared<dist::Checkpoint>(checkpoint, rank == 0);
@@ -255,6 +260,24 @@ TEST_CASE("dist worker: train", "[.worker]") {
     std::ofstream(prefix.string() + "_error.txt") << e.what();  // unwrapped, for the parent
     throw;
   }
+}
+
+// A program written for one process (the same unsharded, unshuffled batches everywhere),
+// made data-parallel by join_launched_job alone.
+TEST_CASE("dist worker: launched job", "[.worker]") {
+  const fs::path out = env_or("FASTERAI_DIST_OUT", ".");
+  const auto job = dist::join_launched_job(dist::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
+  REQUIRE(job.active());
+  std::cout << "printed by rank " << job.rank() << std::endl;
+  torch::manual_seed(21);
+  auto model = small_cnn();
+  Learner learn(model, data::make_batches(train_set(), 32), data::make_batches(valid_set(), 50),
+                LearnerOptions().device(torch::kCPU).optimizer(OptimizerKind::SGD).progress(Progress::None));
+  learn.fit(1, 0.05);
+  RunResult r;
+  for (const auto& p : model->parameters()) r.weights.push_back(p.detach().clone());
+  r.valid = learn.validate();
+  save_result(r, out / ("rank" + std::to_string(job.rank())));
 }
 
 // ---- single process ----
@@ -558,5 +581,37 @@ TEST_CASE("A killed rank stops the job with its name; resuming reproduces the ru
   REQUIRE(wa.size() == wr.size());
   for (size_t i = 0; i < wa.size(); ++i) CHECK(torch::allclose(wa[i], wr[i], 1e-6, 1e-7));
   CHECK(nr.loss == Approx(na.loss).epsilon(1e-6));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("A launched job deals one process's batches out to the ranks", "[dist][multiprocess]") {
+  const auto dir = scratch("launched_job");
+  const auto l = launch_workers("dist worker: launched job", "FASTERAI_DIST_OUT=" + dir.string(), dir);
+  INFO(l.log);
+  REQUIRE(l.status == 0);
+  CHECK_THAT(l.log, Contains("printed by rank 0"));
+  CHECK_THAT(l.log, !Contains("printed by rank 1"));  // std::cout is silenced on rank 1
+
+  // One process with batches of 64 over the same order: rank 0 took batches 0, 2, 4, ... of
+  // 32 and rank 1 batches 1, 3, 5, ..., so each step's two batches make one batch of 64.
+  torch::manual_seed(21);
+  auto model = small_cnn();
+  std::ostringstream quiet;
+  Learner learn(model, data::make_batches(train_set(), 64), data::make_batches(valid_set(), 50),
+                LearnerOptions().device(torch::kCPU).optimizer(OptimizerKind::SGD)
+                    .progress(Progress::None).out(&quiet));
+  learn.fit(1, 0.05);
+  const auto result = learn.validate();
+  const auto w0 = load_tensors((dir / "rank0_weights.pt").string());
+  const auto w1 = load_tensors((dir / "rank1_weights.pt").string());
+  REQUIRE(w0.size() == model->parameters().size());
+  for (size_t i = 0; i < w0.size(); ++i) {
+    CHECK(torch::equal(w0[i], w1[i]));
+    CHECK(torch::allclose(w0[i], model->parameters()[i], 1e-5, 1e-6));
+  }
+  const auto n0 = read_numbers(dir / "rank0"), n1 = read_numbers(dir / "rank1");
+  CHECK(n0.loss == n1.loss);
+  CHECK(n0.examples == kValidExamples);  // 4 validation batches dealt 2 + 2, sums reduced
+  CHECK(n0.loss == Approx(result.loss).epsilon(1e-4));
   fs::remove_all(dir);
 }

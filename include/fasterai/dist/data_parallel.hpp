@@ -43,6 +43,9 @@ struct DataParallelOptions {
   DataParallelOptions() = default;
   // Largest bucket of gradients reduced at once (DDP's default bucket_cap_mb is 25).
   TORCH_ARG(std::int64_t, bucket_bytes) = 25 * 1024 * 1024;
+  // The ranks were given the same, unsharded batches: the Learner deals them out (see
+  // ParallelContext::deal_batches). False for batches made by dist::shard.
+  TORCH_ARG(bool, deal_batches) = false;
 };
 
 // What the gradient all-reduces have cost so far.
@@ -65,6 +68,7 @@ class DataParallel : public ParallelContext {
   std::vector<double> sum(std::vector<double> values) override {
     return group_->sum(std::move(values), "all-reduce of metrics");
   }
+  bool deal_batches() const override { return options_.deal_batches(); }
 
   const ProcessGroup& group() const noexcept { return *group_; }
   const CommunicationStats& stats() const noexcept { return stats_; }

@@ -109,7 +109,18 @@ class ParallelContext {
   virtual void average_gradients(const std::vector<torch::Tensor>& parameters) = 0;
   // Element-wise sums over the ranks.
   virtual std::vector<double> sum(std::vector<double> values) = 0;
+  // True when every rank was given the same, unsharded batches (a program not written for
+  // data parallelism): the Learner then deals them out, rank r taking batches r, r + W, ... of
+  // an order every rank draws alike, and drops a last round of fewer than W batches.
+  virtual bool deal_batches() const { return false; }
 };
+
+// The context of Learners whose options name none; set by fasterai::dist::join_launched_job
+// when a launcher started the program (as torch.distributed's default process group).
+inline std::shared_ptr<ParallelContext>& default_parallel_context() {
+  static std::shared_ptr<ParallelContext> context;
+  return context;
+}
 
 using OptimizerFactory =
     std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor> parameters)>;
@@ -140,7 +151,8 @@ struct LearnerOptions {
   // sparsification sees the averaged gradients), validation sums are reduced so every rank
   // reports the same numbers, and only rank 0 prints and writes the CSV log (on the others
   // `out` and `csv_log` are cleared). Every rank must give the same number of training
-  // batches per epoch (dist::shard does). nullptr: one process.
+  // batches per epoch (dist::shard does). nullptr: default_parallel_context(), which is
+  // nullptr (one process) unless a launched job installed one.
   TORCH_ARG(std::shared_ptr<ParallelContext>, parallel) = nullptr;
 };
 
@@ -222,6 +234,19 @@ class Learner {
   std::vector<EpochRecord> history_;
   bool csv_started_ = false;
   int resume_epoch_ = 0;
+
+  bool dealing() const { return options_.parallel() && options_.parallel()->deal_batches(); }
+  // Training batches this rank takes per epoch.
+  std::int64_t batches_per_epoch() const {
+    const auto n = static_cast<std::int64_t>(train_.size());
+    return dealing() ? n / options_.parallel()->world_size() : n;
+  }
+  // Whether this rank takes the `index`-th batch of an epoch (of `limit` rounds; -1: all).
+  bool takes(std::int64_t index, std::int64_t rounds) const {
+    if (!dealing()) return true;
+    const auto w = options_.parallel()->world_size();
+    return index % w == options_.parallel()->rank() && (rounds < 0 || index / w < rounds);
+  }
 
   using Hyper = std::function<void(double pct_train)>;
   void check_fit(const char* where, int epochs, double lr, const char* lr_name) const;
@@ -485,6 +510,7 @@ Learner::Learner(Model model, data::Batches train, data::Batches valid, LearnerO
                   "TORCH_MODULE type); wrap an implementation with std::make_shared and its holder");
   }
   module_->to(options_.device());
+  if (!options_.parallel()) options_.parallel(default_parallel_context());
   if (auto& parallel = options_.parallel()) {
     check_argument(parallel->world_size() >= 1 && parallel->rank() >= 0 &&
                        parallel->rank() < parallel->world_size(),
@@ -498,7 +524,7 @@ Learner::Learner(Model model, data::Batches train, data::Batches valid, LearnerO
   rebuild_optimizer();
   state_.model = module_.get();
   state_.out = options_.out();
-  state_.n_iter = static_cast<std::int64_t>(train_.size());
+  state_.n_iter = batches_per_epoch();
 }
 
 namespace detail {
@@ -548,6 +574,8 @@ inline void Learner::check_fit(const char* where, int epochs, double lr, const c
                                 std::to_string(resume_epoch_), ")"));
   check_argument(std::isfinite(lr) && lr > 0, where, lr_name, lr, "a positive, finite learning rate");
   check_argument(!train_.empty(), where, "train", "no batches", "training data with at least one batch");
+  check_argument(batches_per_epoch() >= 1, where, "train", train_.size(),
+                 "at least one training batch per rank (batches are dealt out to the ranks)");
 }
 
 inline std::vector<EpochRecord> Learner::fit(int epochs, double lr, std::vector<CallbackRef> callbacks) {
@@ -594,7 +622,7 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
   s.optimizer = optimizer_.get();
   s.out = options_.out();
   s.n_epochs = epochs;
-  s.n_iter = static_cast<std::int64_t>(train_.size());
+  s.n_iter = batches_per_epoch();
   const int first_epoch = std::exchange(resume_epoch_, 0);
   s.epoch = first_epoch;
   s.train_iter = static_cast<std::int64_t>(first_epoch) * s.n_iter;
@@ -613,6 +641,14 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
                                      "fasterai::dist::shard)");
       parallel->broadcast_model(*module_);
     }
+    // Dealt batches: every rank's loader must shuffle alike, so each epoch starts from a seed
+    // rank 0 chose for this fit.
+    double deal_seed = 0;
+    if (dealing())
+      deal_seed = options_.parallel()->sum(
+          {options_.parallel()->rank() == 0
+               ? static_cast<double>(torch::randint(1 << 30, {1}, torch::kLong).item<std::int64_t>())
+               : 0.0})[0];
     callbacks.before_fit(s);
     report.header();
     detail::SmoothLoss smooth;
@@ -624,7 +660,10 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
       module_->train();
       report.new_epoch();
       callbacks.before_epoch(s);
+      if (dealing()) torch::manual_seed(static_cast<std::uint64_t>(deal_seed) + static_cast<std::uint64_t>(epoch));
+      std::int64_t index = 0;
       train_.for_each([&](const torch::data::Example<>& batch) {
+        if (!takes(index++, s.n_iter)) return;
         train_batch(batch, callbacks, schedule);
         smooth.add(s.loss.item<double>());
         callbacks.after_batch(s);
@@ -730,8 +769,9 @@ inline ValidationResult Learner::run_validation(const data::Batches& data, Callb
   const auto& metrics = options_.metrics();
   double loss_sum = 0;
   std::vector<double> metric_sums(metrics.size(), 0.0);
-  std::int64_t count = 0;
+  std::int64_t count = 0, index = 0;
   data.for_each([&](const torch::data::Example<>& batch) {
+    if (!takes(index++, -1)) return;
     predict(batch, callbacks);
     const std::int64_t n = s.x.dim() > 0 ? s.x.size(0) : 1;
     loss_sum += s.loss.item<double>() * double(n);
