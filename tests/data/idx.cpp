@@ -2,6 +2,7 @@
 
 #include <fasterai/data/idx.hpp>
 
+#include <sys/resource.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -156,7 +157,7 @@ TEST_CASE("read_idx names the file and the fault of bad files", "[idx]") {
   }
   SECTION("absurd size") {
     write_file(path, idx_bytes({0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF}, 16), gzip);
-    CHECK_THROWS_WITH(read_idx(path), Contains("more than 1 TiB"));
+    CHECK_THROWS_WITH(read_idx(path), Contains("more than max_bytes"));
   }
   SECTION("every bad file is a file_error and an argument_error") {
     write_file(path, {1, 2, 3, 4, 5}, gzip);
@@ -212,4 +213,49 @@ TEST_CASE("write_idx rejects tensors IDX cannot hold", "[idx]") {
                     Contains("values.dim()") && Contains("1 to 255"));
   CHECK_THROWS_WITH(write_idx(dir / "no-such-dir" / "x", torch::zeros({2}, torch::kUInt8)),
                     Contains("cannot be created"));
+}
+
+namespace {
+long peak_rss_mib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024;
+}
+}  // namespace
+
+TEST_CASE("read_idx bounds memory by max_bytes and by the bytes the file really holds",
+          "[idx]") {
+  TempDir dir;
+  using Catch::Contains;
+  SECTION("a gzip bomb: 64 MiB of values in a small file") {
+    const auto path = dir / "bomb.gz";
+    Bytes bomb = idx_bytes({8192, 8192}, 0);
+    bomb.resize(bomb.size() + (std::size_t{1} << 26), 0);
+    write_gzip(path, bomb);
+    REQUIRE(fs::file_size(path) < 200000);
+    CHECK_THROWS_WITH(read_idx(path, 1 << 20),
+                      Contains("bomb.gz") && Contains("8192x8192 uint8") &&
+                          Contains("more than max_bytes = 1048576") &&
+                          Contains("pass a larger max_bytes"));
+    const auto t = read_idx(path);  // within the default of 1 GiB: the header is honest
+    CHECK(t.sizes() == torch::IntArrayRef({8192, 8192}));
+    CHECK(t.max().item<int>() == 0);
+  }
+  SECTION("headers that announce far more than follows") {
+    const long before = peak_rss_mib();
+    for (bool gzip : {false, true}) {
+      CAPTURE(gzip);
+      const auto path = dir / (gzip ? "liar.gz" : "liar");
+      write_file(path, idx_bytes({16384, 65536}, 100), gzip);  // 1 GiB announced, 100 bytes
+      CHECK_THROWS_WITH(read_idx(path), Contains("truncated") && Contains("1073741824 bytes") &&
+                                            Contains("only 100 bytes follow"));
+    }
+    CHECK(peak_rss_mib() - before < 128);
+  }
+  SECTION("max_bytes must be a size") {
+    write_plain(dir / "a", idx_bytes({2}, 2));
+    CHECK_THROWS_AS(read_idx(dir / "a", -1), fasterai::argument_error);
+    CHECK_THROWS_WITH(read_idx(dir / "a", 1), Contains("more than max_bytes = 1"));
+    CHECK(read_idx(dir / "a", 2).numel() == 2);
+  }
 }

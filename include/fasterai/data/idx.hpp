@@ -9,6 +9,12 @@
 // dataset that keeps it in one tensor can serve any batch with a single index_select.
 // Everything the header promises is checked against what the file holds; a missing,
 // truncated, over-long or corrupt file raises data::file_error naming the file and the fault.
+//
+// A data file may come from anywhere. A header cannot make the reader allocate more than the
+// file delivers: a plain file's size is compared with the header before any allocation, and a
+// gzip stream is read in chunks, so a lying header costs no more than the bytes that follow
+// it. A gzip bomb (a small file that inflates to gigabytes) is bounded by `max_bytes`: a
+// header announcing more is refused before anything is read.
 
 #include <zlib.h>
 
@@ -43,10 +49,16 @@ class file_error : public argument_error {
   std::filesystem::path path_;
 };
 
+// The most bytes of values read_idx accepts by default (1 GiB; Fashion-MNIST's training
+// images are 47 MB). Pass a larger max_bytes for larger trusted files.
+inline constexpr std::int64_t idx_default_max_bytes = std::int64_t{1} << 30;
+
 // Read an IDX file, plain or gzip-compressed, into one contiguous CPU tensor whose shape is
 // the file's dimensions and whose dtype is the file's element type (uint8, int8, int16,
-// int32, float32, float64).
-inline torch::Tensor read_idx(const std::filesystem::path& path);
+// int32, float32, float64). A file whose header announces more than `max_bytes` bytes of
+// values is refused.
+inline torch::Tensor read_idx(const std::filesystem::path& path,
+                              std::int64_t max_bytes = idx_default_max_bytes);
 
 // Write `values` (a CPU tensor of one of the IDX element types, 1 to 255 dimensions) as an
 // IDX file, gzip-compressed when `gzip` is true. The counterpart of read_idx, for tools and
@@ -112,7 +124,8 @@ using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
 
 class IdxReader {
  public:
-  explicit IdxReader(std::filesystem::path path) : path_(std::move(path)) {}
+  IdxReader(std::filesystem::path path, std::int64_t max_bytes)
+      : path_(std::move(path)), max_bytes_(max_bytes) {}
 
   torch::Tensor read() {
     open();
@@ -147,15 +160,16 @@ class IdxReader {
 
     const auto dtype = idx_dtype(code);
     const auto width = static_cast<std::int64_t>(c10::elementSize(dtype));
-    // A corrupt header can announce absurd sizes; refuse before allocating anything.
-    constexpr std::int64_t max_bytes = std::int64_t(1) << 40;
+    // A corrupt or hostile header can announce absurd sizes; refuse before allocating.
     std::int64_t count = 1;
     for (auto n : dims) {
-      if (n != 0 && count > max_bytes / width / n)
-        fail("announces " + shape_string(dims) + " " + type +
-             " values, more than 1 TiB: the header is corrupt");
+      if (n != 0 && count > max_bytes_ / width / n)
+        fail("announces " + shape_string(dims) + " " + type + " values, more than max_bytes = " +
+             std::to_string(max_bytes_) +
+             " bytes (pass a larger max_bytes to read_idx if the file is trusted)");
       count *= n;
     }
+    check_plain_size(count, width, dims, type, 4 + 4 * std::int64_t{rank});
 
     torch::Tensor values = read_payload(dtype, count, dims, type);
     expect_end(count, dims, type);
@@ -165,7 +179,28 @@ class IdxReader {
 
  private:
   std::filesystem::path path_;
+  std::int64_t max_bytes_;
   GzFile file_;
+
+  // An uncompressed file's size says at once whether the values the header announces are
+  // there; only a gzip stream has to be read to know.
+  void check_plain_size(std::int64_t count, std::int64_t width,
+                        const std::vector<std::int64_t>& dims, const char* type,
+                        std::int64_t header) {
+    if (!gzdirect(file_.get())) return;
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(path_, ec);
+    if (ec) return;  // not a regular file (a pipe): reading finds out
+    const auto payload = static_cast<std::int64_t>(size) - header;
+    if (payload < count * width)
+      fail("is truncated: its header announces " + shape_string(dims) + " " + type +
+           " values (" + std::to_string(count * width) + " bytes) but only " +
+           std::to_string(payload) + " bytes follow the header");
+    if (payload > count * width)
+      fail("is longer than its header says: " + std::to_string(payload - count * width) +
+           " bytes follow the " + shape_string(dims) + " " + type + " values (" +
+           std::to_string(count) + " values)");
+  }
 
   [[noreturn]] void fail(const std::string& problem) const {
     throw file_error("fasterai::data::read_idx", path_, problem);
@@ -207,9 +242,10 @@ class IdxReader {
 
   torch::Tensor read_payload(torch::ScalarType dtype, std::int64_t count,
                              const std::vector<std::int64_t>& dims, const char* type) {
-    // Chunks keep a lying header from committing a huge allocation; a real file fits in one.
+    // Chunks keep a lying header from committing a huge allocation: memory grows with the
+    // bytes the stream really holds. A real file of up to 64 MiB fits in one.
     const std::int64_t width = static_cast<std::int64_t>(c10::elementSize(dtype));
-    const std::int64_t chunk_elems = std::max<std::int64_t>(1, (std::int64_t(1) << 28) / width);
+    const std::int64_t chunk_elems = std::max<std::int64_t>(1, (std::int64_t(1) << 26) / width);
     std::vector<torch::Tensor> chunks;
     std::int64_t done = 0;
     do {
@@ -260,8 +296,10 @@ class IdxReader {
 
 }  // namespace detail
 
-inline torch::Tensor read_idx(const std::filesystem::path& path) {
-  return detail::IdxReader(path).read();
+inline torch::Tensor read_idx(const std::filesystem::path& path, std::int64_t max_bytes) {
+  fasterai::detail::check_argument(max_bytes >= 0, "fasterai::data::read_idx", "max_bytes",
+                                   max_bytes, "a number of bytes >= 0");
+  return detail::IdxReader(path, max_bytes).read();
 }
 
 inline void write_idx(const std::filesystem::path& path, const torch::Tensor& values, bool gzip) {
