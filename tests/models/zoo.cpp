@@ -106,47 +106,74 @@ TEST_CASE("Zoo models run forward and backward on small images", "[zoo]") {
 
 TEST_CASE("Zoo models follow torchvision's initialization", "[zoo]") {
   torch::manual_seed(0);
-  auto resnet = models::resnet50(10);
-  // Kaiming normal, fan_out, ReLU: std = sqrt(2 / (out * kh * kw)).
-  CHECK(resnet->conv1->weight.std().item<double>() ==
-        Approx(std::sqrt(2.0 / (64 * 49))).epsilon(0.05));
-  const auto& conv2 = resnet->named_parameters()["layer3.2.conv2.weight"];
-  CHECK(conv2.std().item<double>() == Approx(std::sqrt(2.0 / (256 * 9))).epsilon(0.05));
-  for (const auto& b : resnet->named_buffers()) {
-    INFO(b.key());
-    if (b.key().ends_with("running_mean")) CHECK(max_abs(b.value()) == 0.0);
-    if (b.key().ends_with("running_var")) CHECK(b.value().eq(1).all().item<bool>());
+  // Every layer of every model: Kaiming-normal convolutions (fan_out, ReLU gain: std =
+  // sqrt(2 / (out * kh * kw)), fan_out counting a depthwise conv's single input channel), unit
+  // BatchNorm with zero running mean and unit variance. The sample std of n normal draws is
+  // within 5 / sqrt(2n) of sigma (relative) with overwhelming probability.
+  for (const auto& m : zoo()) {
+    auto model = m.make(10);
+    std::size_t convs = 0, batch_norms = 0;
+    for (const auto& item : model->named_modules("", /*include_self=*/false)) {
+      INFO(m.name << " " << item.key());
+      if (auto* conv = item.value()->as<torch::nn::Conv2dImpl>()) {
+        const auto& w = conv->weight;
+        const double expected = std::sqrt(2.0 / static_cast<double>(w.size(0) * w.size(2) * w.size(3)));
+        const double tolerance = 5.0 / std::sqrt(2.0 * static_cast<double>(w.numel()));
+        CHECK(w.std().item<double>() == Approx(expected).epsilon(tolerance));
+        CHECK(std::abs(w.mean().item<double>()) <= 5.0 * expected / std::sqrt(double(w.numel())));
+        CHECK_FALSE(conv->bias.defined());  // torchvision's convolutions here have no bias
+        ++convs;
+      } else if (auto* bn = item.value()->as<torch::nn::BatchNorm2dImpl>()) {
+        CHECK(bn->weight.eq(1).all().item<bool>());
+        CHECK(max_abs(bn->bias) == 0.0);
+        CHECK(max_abs(bn->running_mean) == 0.0);
+        CHECK(bn->running_var.eq(1).all().item<bool>());
+        ++batch_norms;
+      }
+    }
+    INFO(m.name);
+    CHECK(convs > 0);
+    CHECK(convs == batch_norms);  // every convolution is followed by its BatchNorm
   }
-  CHECK(resnet->bn1->weight.eq(1).all().item<bool>());
-  CHECK(max_abs(resnet->bn1->bias) == 0.0);
-  CHECK(resnet->named_parameters()["layer4.2.bn3.weight"].eq(1).all().item<bool>());
-  // torchvision leaves `fc` at nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)), bias too.
+
+  // torchvision leaves ResNet's `fc` at nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)), bias
+  // too.
+  auto resnet = models::resnet50(10);
   const double bound = 1.0 / std::sqrt(2048.0);
   CHECK(max_abs(resnet->fc->weight) <= bound);
   CHECK(resnet->fc->weight.std().item<double>() == Approx(bound / std::sqrt(3.0)).epsilon(0.05));
   CHECK(max_abs(resnet->fc->bias) <= bound);
   CHECK(max_abs(resnet->fc->bias) > 0.0);
 
-  auto zero_init = models::ResNet(
-      models::ResNetOptions(models::ResNetBlock::Basic, {2, 2, 2, 2}).zero_init_residual(true));
-  for (const auto& p : zero_init->named_parameters()) {
-    INFO(p.key());
-    if (p.key().ends_with("bn2.weight")) CHECK(max_abs(p.value()) == 0.0);
-    if (p.key().ends_with("bn1.weight")) CHECK(p.value().eq(1).all().item<bool>());
+  // zero_init_residual: each block's last BatchNorm starts at gamma = 0, the others at 1.
+  using models::ResNetBlock;
+  for (auto block : {ResNetBlock::Basic, ResNetBlock::Bottleneck}) {
+    auto zero_init =
+        models::ResNet(models::ResNetOptions(block, {1, 1, 1, 1}).zero_init_residual(true));
+    const std::string last = block == ResNetBlock::Basic ? "bn2.weight" : "bn3.weight";
+    std::size_t zeroed = 0;
+    for (const auto& p : zero_init->named_parameters()) {
+      INFO(p.key());
+      if (p.key().ends_with(last)) {
+        CHECK(max_abs(p.value()) == 0.0);
+        ++zeroed;
+      } else if (p.key().find("bn") != std::string::npos && p.key().ends_with(".weight")) {
+        CHECK(p.value().eq(1).all().item<bool>());
+      }
+    }
+    CHECK(zeroed == 4);
   }
 
+  // MobileNetV2's classifier: Dropout(0.2), then Linear with N(0, 0.01) weights and zero bias.
   auto mobilenet = models::mobilenet_v2(10);
   auto p = mobilenet->named_parameters();
-  // A depthwise 3x3 conv has weight [C, 1, 3, 3]: fan_out = C * 9.
   CHECK(p["features.2.conv.1.0.weight"].sizes() == torch::IntArrayRef({96, 1, 3, 3}));
-  CHECK(p["features.2.conv.1.0.weight"].std().item<double>() ==
-        Approx(std::sqrt(2.0 / (96 * 9))).epsilon(0.1));
-  CHECK(p["features.18.1.weight"].eq(1).all().item<bool>());
   CHECK(p["classifier.1.weight"].std().item<double>() == Approx(0.01).epsilon(0.05));
   CHECK(max_abs(p["classifier.1.bias"]) == 0.0);
   auto* dropout = mobilenet->classifier->ptr(0)->as<torch::nn::DropoutImpl>();
   REQUIRE(dropout != nullptr);
   CHECK(dropout->options.p() == 0.2);
+  CHECK_FALSE(dropout->options.inplace());
 }
 
 TEST_CASE("Zoo residual connections are where torchvision puts them", "[zoo]") {
