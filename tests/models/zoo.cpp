@@ -312,7 +312,8 @@ TEST_CASE("Zoo models equal torchvision's: names, shapes, state_dicts and logits
   run_python(dir, R"(
 import sys, torch, torchvision.models as m
 d = sys.argv[1]
-# One line per parameter (p), buffer (b) and submodule (m), in torchvision's order.
+# One line per parameter (p), buffer (b) and submodule (m, with its class; torchvision's
+# Conv2dNormActivation is an nn.Sequential), in torchvision's order.
 with open(d + '/shapes.txt', 'w') as out:
     for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2', 'mobilenet_v2@0.5']:
         ctor, _, width = name.partition('@')
@@ -322,8 +323,9 @@ with open(d + '/shapes.txt', 'w') as out:
             tag = f'{name}/{classes}'
             for k, v in net.named_parameters(): print(tag, 'p', k, *v.shape, file=out)
             for k, v in net.named_buffers(): print(tag, 'b', k, *v.shape, file=out)
-            for k, _ in net.named_modules():
-                if k: print(tag, 'm', k, file=out)
+            for k, mod in net.named_modules():
+                kind = 'Sequential' if isinstance(mod, torch.nn.Sequential) else type(mod).__name__
+                if k: print(tag, 'm', k, kind, file=out)
 torch.manual_seed(0)
 for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2']:
     net = getattr(m, name)(num_classes=10).eval()
@@ -357,8 +359,15 @@ for name in ['resnet18', 'resnet34', 'resnet50', 'mobilenet_v2']:
     };
     for (const auto& p : model.named_parameters()) add("p", p.key(), p.value());
     for (const auto& b : model.named_buffers()) add("b", b.key(), b.value());
-    for (const auto& c : model.named_modules("", /*include_self=*/false))
-      lines.push_back("m " + c.key());
+    // A module's class as Python names it: torch::nn::ReLU6Impl is ReLU6, and
+    // fasterai::NamedSequentialImpl stands for nn.Sequential.
+    for (const auto& c : model.named_modules("", /*include_self=*/false)) {
+      std::string kind = c.value()->name();
+      kind = kind.substr(kind.rfind(':') + 1);
+      if (kind.ends_with("Impl")) kind.resize(kind.size() - 4);
+      if (kind == "NamedSequential") kind = "Sequential";
+      lines.push_back("m " + c.key() + " " + kind);
+    }
     return lines;
   };
   std::size_t compared = 0;
