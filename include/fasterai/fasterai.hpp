@@ -15,6 +15,11 @@
 #include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>
 #include <fasterai/models/vgg.hpp>
+#include <fasterai/quant/calibrator.hpp>
+#include <fasterai/quant/engine.hpp>
+#include <fasterai/quant/observer.hpp>
+#include <fasterai/quant/quantize_dynamic.hpp>
+#include <fasterai/quant/quantized_layers.hpp>
 #include <fasterai/sparse/concepts.hpp>
 #include <fasterai/sparse/criteria.hpp>
 #include <fasterai/sparse/factory.hpp>

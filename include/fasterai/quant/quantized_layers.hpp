@@ -172,7 +172,8 @@ class QuantizedLinearImpl : public QuantizedLayer<QuantizedLinearImpl, LinearPac
     if (options_.dynamic()) {
       // Seven-bit activations except on QNNPACK, which sums in 32 bits (and warns about the
       // flag): oneDNN without VNNI saturates 16-bit pair sums of full-range u8·s8 products
-      // (see observer.hpp), which made a dynamic Linear on an AVX2 CPU err by ~25× its bound.
+      // (see observer.hpp), which made a dynamic Linear on an AVX2 CPU err 13× beyond its
+      // error bound.
       static const auto op = detail::quantized_op("quantized::linear_dynamic", "");
       const bool reduce_range = options_.engine() != "qnnpack";
       return detail::call_op(op, {std::move(x), c10::IValue(packed_), reduce_range}).toTensor();
