@@ -38,6 +38,18 @@ int main() {
   std::cout << fasterai::with_thousands(fasterai::count_parameters(small)) << "\n";
   // [end]
 
+  // [own_module]
+  auto resnet = fasterai::models::resnet18(/*num_classes=*/10);  // a Module with its own forward()
+  auto example = torch::randn({1, 3, 64, 64});
+  fasterai::Sparsifier<fg::Filter, fasterai::method::Local, fasterai::criteria::L1> coupled(
+      resnet, example, fasterai::SparsifierOptions(30));  // traced: residual streams are one group
+  coupled.prune(30);
+  auto report = fasterai::Pruner().prune_(resnet, example);  // in place: same modules, fewer channels
+  fasterai::BNFolder().fold_(resnet, example);
+  std::cout << report.channels_removed() << " channels removed, "
+            << fasterai::count_macs(resnet, {3, 64, 64}).total() << " MACs\n";
+  // [end]
+
   // [training]
   using namespace fasterai;
   auto subset = data::FashionMNISTOptions().subset(2000).subset_seed(0);

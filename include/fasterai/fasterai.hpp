@@ -11,6 +11,11 @@
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
+#include <fasterai/graph/autograd_ops.hpp>
+#include <fasterai/graph/graph.hpp>
+#include <fasterai/graph/removal.hpp>
+#include <fasterai/graph/sequential_graph.hpp>
+#include <fasterai/graph/trace.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>

@@ -48,7 +48,8 @@ TEST_CASE("the layer walk shares the model's layers", "[layer_walk]") {
   torch::NoGradGuard no_grad;
   fc.weight().fill_(7.0);
   CHECK(model->named_parameters()["0.weight"].eq(7.0).all().item<bool>());
-  CHECK_THROWS_WITH((Layer{"x", LayerKind::ReLU, nn::AnyModule(nn::ReLU())}.weight()),
+  const nn::AnyModule relu{nn::ReLU()};
+  CHECK_THROWS_WITH((Layer{"x", LayerKind::ReLU, relu, relu.ptr()}.weight()),
                     Catch::Contains("no prunable weight"));
 }
 

@@ -71,6 +71,30 @@ TEST_CASE("MAC count of convolutions and linear layers", "[statistics]") {
   CHECK(count_macs(models::vgg16(1000), {3, 224, 224}).total() == 15'470'264'320);
 }
 
+TEST_CASE("MAC count of a user's module, a layer called twice counting twice", "[statistics][graph]") {
+  struct TwiceImpl : nn::Module {
+    nn::Conv2d conv{nullptr};
+    nn::Linear fc{nullptr};
+    TwiceImpl() {
+      conv = register_module("conv", nn::Conv2d(nn::Conv2dOptions(3, 3, 1)));
+      fc = register_module("fc", nn::Linear(48, 2));
+    }
+    torch::Tensor forward(torch::Tensor x) {
+      x = x + torch::relu(conv(conv(x)));  // a residual around two calls of one conv
+      return fc(torch::flatten(x, 1));
+    }
+  };
+  auto m = std::make_shared<TwiceImpl>();
+  torch::NoGradGuard no_grad;  // counting works under the caller's no-grad mode
+  const auto macs = count_macs(*m, {3, 4, 4});
+  REQUIRE(macs.layers.size() == 3);
+  CHECK(macs.layers[0].name == "conv");
+  CHECK(macs.layers[1].name == "conv");
+  CHECK(macs.layers[0].macs == 3 * 4 * 4 * 3);
+  CHECK(macs.layers[2].macs == 2 * 48);
+  CHECK(macs.total() == 2 * 144 + 96);
+}
+
 TEST_CASE("MAC count restores train mode and rejects bad shapes", "[statistics]") {
   auto m = hand_built();
   m->train();

@@ -4,7 +4,11 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include <fasterai/core/sequential.hpp>
+#include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
 
 namespace nn = torch::nn;
@@ -218,7 +222,49 @@ TEST_CASE("trace: clear errors when tracing cannot work", "[graph][errors]") {
   };
   auto constant = std::make_shared<ConstantImpl>();
   CHECK_THROWS_WITH(trace(*constant, x), Catch::Contains("does not depend"));
+  struct NoParametersImpl : nn::Module {
+    torch::Tensor forward(torch::Tensor x) { return torch::relu(x) * 2; }
+  };
+  auto parameter_free = std::make_shared<NoParametersImpl>();
+  CHECK_THROWS_WITH(trace(*parameter_free, x), Catch::Contains("reaches none of its parameters"));
   // The model is usable afterwards and unchanged in mode.
   CHECK(net->is_training());
   CHECK(net->forward(x).sizes() == std::vector<std::int64_t>{2, 5});
+}
+
+TEST_CASE("graph_of a Sequential agrees with its trace: same groups, same units", "[graph]") {
+  torch::manual_seed(3);
+  fasterai::NamedSequential stage;
+  stage->push_back("0", nn::Conv2d(nn::Conv2dOptions(3, 6, 3).padding(1)));
+  stage->push_back("1", nn::BatchNorm2d(6));
+  stage->push_back("2", nn::ReLU());
+  stage->push_back("3", nn::MaxPool2d(2));
+  stage->push_back("4", nn::Conv2d(nn::Conv2dOptions(6, 8, 3).padding(1).groups(2)));
+  stage->push_back("5", nn::ReLU());
+  nn::Sequential model;
+  model->push_back("features", stage);
+  model->push_back("pool", nn::AdaptiveAvgPool2d(nn::AdaptiveAvgPool2dOptions({2, 2})));
+  model->push_back("flatten", nn::Flatten());
+  model->push_back("fc", nn::Linear(32, 7));
+  model->push_back("relu", nn::ReLU());
+  model->push_back("dropout", nn::Dropout(0.5));
+  model->push_back("head", nn::Linear(7, 3));
+  const Graph stat = graph_of(model);
+  const Graph traced = trace(model, torch::randn({2, 3, 8, 8}));
+  INFO("static:\n" << stat << "traced:\n" << traced);
+  auto summary = [](const Graph& g) {
+    std::vector<std::pair<std::vector<std::string>, std::size_t>> out;
+    for (const auto& group : g.groups())
+      if (!group.producers.empty()) out.emplace_back(group.producers, group.units.size());
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  CHECK(summary(stat) == summary(traced));
+  // The Linear reads 4 features per channel in both.
+  for (const Graph* g : {&stat, &traced}) {
+    const auto& fc = g->nodes()[g->nodes_of("fc").front()];
+    CHECK(g->values()[fc.inputs.front()].channels() == 32);
+    const auto conv = g->units_of(g->nodes()[g->nodes_of("features.4").front()].output);
+    CHECK(g->units_of(fc.inputs.front())[5] == conv[1]);
+  }
 }

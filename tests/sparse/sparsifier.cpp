@@ -1,6 +1,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <map>
+#include <type_traits>
 #include <limits>
 
 #include <fasterai/core/sequential.hpp>
@@ -79,7 +81,9 @@ TEST_CASE("Local removes exactly floor(n * s / 100) groups per layer", "[sparsif
     INFO("sparsity " << sparsity);
     const auto p = model->named_parameters();
     CHECK(zero_filters(p["features.0.weight"]) == std::int64_t(8 * sparsity / 100));
-    CHECK(zero_filters(p["fc.weight"]) == std::int64_t(5 * sparsity / 100));
+    CHECK(zero_filters(p["features.3.weight"]) == std::int64_t(8 * sparsity / 100));
+    // fc's outputs are the model's: the Pruner could never remove them, so they are not zeroed.
+    CHECK(zero_filters(p["fc.weight"]) == 0);
     CHECK(sp.mask("features.0").sum().item<std::int64_t>() == std::int64_t(8 * sparsity / 100) * 36);
   }
   Sparsifier<g::Weight, m::Local, c::L1> w(model);
@@ -172,7 +176,7 @@ TEST_CASE("Global removes floor(N * s / 100) groups over all layers; each keeps 
     torch::NoGradGuard no_grad;
     tiny->named_parameters()["features.0.weight"].mul_(1e-6);
   }
-  Sparsifier<g::Filter, m::Global, c::L1> keep(tiny);
+  Sparsifier<g::Filter, m::Global, c::L1> keep(tiny, SparsifierOptions().normalize(false));
   keep.prune(50);
   CHECK(zero_filters(tiny->named_parameters()["features.0.weight"]) == 7);
 }
@@ -247,11 +251,11 @@ TEST_CASE("per-layer targets, include and exclude select what is pruned", "[spar
   auto model = small_net();
   Sparsifier<g::Filter, m::Local, c::L1, s::Linear> sp(
       model, SparsifierOptions(50).include_linear(true).exclude({"features.3"})
-                 .layer_targets({{"fc", 20.0}}));
+                 .layer_targets({{"features.0", 25.0}}));
   CHECK(sp.layer_names() == std::vector<std::string>{"features.0", "fc"});
   sp.step(1.0);
-  CHECK(zero_filters(model->named_parameters()["features.0.weight"]) == 4);
-  CHECK(zero_filters(model->named_parameters()["fc.weight"]) == 1);
+  CHECK(zero_filters(model->named_parameters()["features.0.weight"]) == 2);
+  CHECK(zero_filters(model->named_parameters()["fc.weight"]) == 0);  // the model's output
   CHECK(zero_filters(model->named_parameters()["features.3.weight"]) == 0);
   Sparsifier<g::Filter, m::Local, c::L1> only(model, SparsifierOptions().include({"fc"}));
   CHECK(only.layer_names() == std::vector<std::string>{"fc"});
@@ -299,7 +303,7 @@ TEMPLATE_TEST_CASE("masks stay in force through 100 optimizer steps", "[sparsifi
       sp.apply();
       for (const auto& name : sp.layer_names()) {
         const auto w = model->named_parameters()[name + ".weight"];
-        REQUIRE(w.masked_select(sp.mask(name)).abs().max().template item<float>() == 0.0f);
+        REQUIRE(w.masked_select(sp.mask(name)).abs().sum().template item<float>() == 0.0f);
       }
     }
     // The weights did train: unpruned ones moved.
@@ -349,4 +353,150 @@ TEST_CASE("bad input raises a clear error and changes nothing", "[sparsifier][er
   CHECK(ok.mask("features.0").equal(mask));  // masks as they were
   CHECK(ok.sparsity() == 25.0);
   CHECK(unchanged(model, with_nan));
+}
+
+// ---- Any module ----------------------------------------------------------------------------
+
+namespace {
+
+// A stem and two residual blocks on one 8-channel stream, each with a 6-channel branch.
+struct ResidualImpl : nn::Module {
+  nn::Conv2d stem{nullptr}, a1{nullptr}, b1{nullptr}, a2{nullptr}, b2{nullptr};
+  nn::BatchNorm2d bn_stem{nullptr}, bn_a1{nullptr}, bn_b1{nullptr}, bn_a2{nullptr}, bn_b2{nullptr};
+  nn::Linear fc{nullptr};
+  ResidualImpl() {
+    auto conv = [&](const char* name, std::int64_t in, std::int64_t out) {
+      return register_module(name, nn::Conv2d(nn::Conv2dOptions(in, out, 3).padding(1)));
+    };
+    auto bn = [&](const char* name, std::int64_t n) { return register_module(name, nn::BatchNorm2d(n)); };
+    stem = conv("stem", 3, 8), bn_stem = bn("bn_stem", 8);
+    a1 = conv("a1", 8, 6), bn_a1 = bn("bn_a1", 6), b1 = conv("b1", 6, 8), bn_b1 = bn("bn_b1", 8);
+    a2 = conv("a2", 8, 6), bn_a2 = bn("bn_a2", 6), b2 = conv("b2", 6, 8), bn_b2 = bn("bn_b2", 8);
+    fc = register_module("fc", nn::Linear(8, 4));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(bn_stem(stem(x)));
+    x = torch::relu(x + bn_b1(b1(torch::relu(bn_a1(a1(x))))));
+    x = torch::relu(x + bn_b2(b2(torch::relu(bn_a2(a2(x))))));
+    return fc(torch::flatten(torch::adaptive_avg_pool2d(x, {1, 1}), 1));
+  }
+};
+TORCH_MODULE(Residual);
+
+torch::Tensor zero_rows(const torch::Tensor& w) { return w.reshape({w.size(0), -1}).eq(0).all(1); }
+
+using FilterLocal = Sparsifier<g::Filter, m::Local, c::L1>;
+using FilterGlobal = Sparsifier<g::Filter, m::Global, c::L1>;
+
+}  // namespace
+
+// Filter granularity needs the coupling: on a user's module it takes an example input; a
+// Sequential's is static; other granularities need none.
+static_assert(!std::is_constructible_v<FilterLocal, const Residual&, SparsifierOptions>);
+static_assert(std::is_constructible_v<FilterLocal, Residual&, torch::Tensor, SparsifierOptions>);
+static_assert(std::is_constructible_v<FilterLocal, const nn::Sequential&, SparsifierOptions>);
+static_assert(std::is_constructible_v<Sparsifier<g::Weight, m::Local, c::L1>, const Residual&, SparsifierOptions>);
+
+TEST_CASE("Filter on a user's module zeroes a residual stream's channels in every member",
+          "[sparsifier][filter][graph]") {
+  torch::manual_seed(41);
+  Residual net;
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.uniform_(0.5, 1.5);  // every bias and β nonzero
+  }
+  const auto x = torch::randn({2, 3, 6, 6});
+  FilterLocal sp(net, x, SparsifierOptions(50));
+  CHECK(sp.layer_names() == std::vector<std::string>{"stem", "a1", "b1", "a2", "b2"});
+  sp.prune(50);
+  // The stream (8 units) loses floor(8 * 0.5) = 4, the same in stem, b1 and b2, with their
+  // biases and BatchNorms; each branch (6 units) loses 3.
+  const auto stream = zero_rows(net->stem->weight);
+  CHECK(stream.sum().item<int>() == 4);
+  CHECK(torch::equal(zero_rows(net->b1->weight), stream));
+  CHECK(torch::equal(zero_rows(net->b2->weight), stream));
+  for (const auto* t : {&net->stem->bias, &net->b1->bias, &net->bn_stem->weight, &net->bn_stem->bias,
+                        &net->bn_b1->bias, &net->bn_b2->weight})
+    CHECK(torch::equal(t->eq(0), stream));
+  CHECK(zero_rows(net->a1->weight).sum().item<int>() == 3);
+  CHECK(torch::equal(net->bn_a1->bias.eq(0), zero_rows(net->a1->weight)));
+  CHECK(zero_rows(net->fc->weight).sum().item<int>() == 0);  // the output is never pruned
+  // The units are chosen by the sum of the members' L1 norms: the 4 lowest sums.
+  auto fresh = Residual();
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : fresh->parameters()) p.uniform_(0.5, 1.5);
+  }
+  auto l1 = [](const nn::Conv2d& c) { return c->weight.abs().reshape({c->weight.size(0), -1}).sum(1); };
+  const auto sums = l1(fresh->stem) + l1(fresh->b1) + l1(fresh->b2);
+  FilterLocal again(fresh, x, SparsifierOptions(50));
+  again.prune(50);
+  const auto chosen = std::get<1>(sums.sort()).narrow(0, 0, 4);
+  CHECK(zero_rows(fresh->stem->weight).index_select(0, chosen).all().item<bool>());
+}
+
+TEST_CASE("Global Filter normalizes by each group's mean, so a group of small weights survives",
+          "[sparsifier][global][graph]") {
+  torch::manual_seed(42);
+  auto run = [](bool normalize) {
+    Residual net;
+    {
+      torch::NoGradGuard no_grad;
+      net->a1->weight.mul_(1e-3);  // one branch of tiny filters
+    }
+    FilterGlobal sp(net, torch::randn({1, 3, 6, 6}), SparsifierOptions(40).normalize(normalize));
+    sp.prune(40);
+    return zero_rows(net->a1->weight).sum().item<int>();
+  };
+  const int raw = run(false), normalized = run(true);
+  CHECK(raw == 5);          // raw sums: the tiny branch goes first, down to the one unit it keeps
+  CHECK(normalized < raw);  // normalized: it is judged against its own mean
+}
+
+TEST_CASE("Weight granularity on a user's module needs no example and names layers fully",
+          "[sparsifier][graph]") {
+  torch::manual_seed(43);
+  Residual net;
+  Sparsifier<g::Weight, m::Local, c::L1> sp(net, SparsifierOptions(30).include_linear(true));
+  CHECK(sp.layer_names().back() == "fc");
+  sp.prune(30);
+  for (const auto& name : sp.layer_names()) {
+    const auto& mask = sp.mask(name);
+    CHECK(mask.sum().item<std::int64_t>() == mask.numel() * 30 / 100);
+  }
+}
+
+TEST_CASE("Filter on a user's module: a bad example changes nothing", "[sparsifier][errors][graph]") {
+  torch::manual_seed(44);
+  Residual net;
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& p : net->named_parameters()) before[p.key()] = p.value().detach().clone();
+  CHECK_THROWS_WITH(FilterLocal(net, torch::randn({1, 5, 6, 6}), SparsifierOptions(30)),
+                    Catch::Contains("forward failed") && Catch::Contains("[1, 5, 6, 6]"));
+  {
+    torch::NoGradGuard no_grad;
+    CHECK_THROWS_WITH(FilterLocal(net, torch::randn({1, 3, 6, 6}), SparsifierOptions(30)),
+                      Catch::Contains("NoGradGuard"));
+  }
+  for (const auto& p : net->named_parameters()) CHECK(torch::equal(p.value(), before[p.key()]));
+}
+
+TEST_CASE("round_to keeps channel counts at multiples, pruning less where needed", "[sparsifier][graph]") {
+  torch::manual_seed(45);
+  Residual net;
+  const auto x = torch::randn({1, 3, 6, 6});
+  FilterLocal sp(net, x, SparsifierOptions(50).round_to(4));
+  sp.prune(50);
+  CHECK(zero_rows(net->stem->weight).sum().item<int>() == 4);  // 8 -> 4 kept: already a multiple
+  CHECK(zero_rows(net->a1->weight).sum().item<int>() == 2);    // 6 -> 3 kept would not be: 4 kept
+  Residual other;
+  FilterGlobal global(other, x, SparsifierOptions(50).round_to(4));
+  global.prune(50);
+  for (const auto* conv : {&other->stem, &other->a1, &other->a2}) {
+    const auto n = (*conv)->weight.size(0);
+    const auto kept = n - zero_rows((*conv)->weight).sum().item<int>();
+    CHECK((kept % 4 == 0 || kept == n));  // a multiple of 4, or every channel
+  }
+  CHECK_THROWS_WITH(FilterLocal(net, x, SparsifierOptions(50).round_to(0)),
+                    Catch::Contains("round_to") && Catch::Contains(">= 1"));
 }

@@ -255,3 +255,86 @@ TEST_CASE("BNFolder agrees with PyTorch's fuse_conv_bn_eval", "[bn_folder][oracl
   CHECK(torch::allclose(fp["conv.weight"], w, 1e-5, 1e-6));
   CHECK(torch::allclose(fp["conv.bias"], b, 1e-5, 1e-6));
 }
+
+namespace {
+
+// A user's module: conv → BN → ReLU twice with a residual add, a conv without bias, a BN whose
+// conv output is also read by the shortcut (not foldable), and a Linear → BatchNorm1d head.
+struct FoldNetImpl : nn::Module {
+  nn::Conv2d a{nullptr}, b{nullptr};
+  nn::BatchNorm2d bn_a{nullptr}, bn_b{nullptr}, bn_shared{nullptr};
+  nn::Linear fc{nullptr};
+  nn::BatchNorm1d bn_fc{nullptr};
+  FoldNetImpl() {
+    a = register_module("a", nn::Conv2d(nn::Conv2dOptions(3, 4, 3).padding(1).bias(false)));
+    bn_a = register_module("bn_a", nn::BatchNorm2d(4));
+    b = register_module("b", nn::Conv2d(nn::Conv2dOptions(4, 4, 3).padding(1)));
+    bn_b = register_module("bn_b", nn::BatchNorm2d(4));
+    bn_shared = register_module("bn_shared", nn::BatchNorm2d(4));
+    fc = register_module("fc", nn::Linear(4, 3));
+    bn_fc = register_module("bn_fc", nn::BatchNorm1d(3));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(bn_a(a(x)));
+    auto y = b(x);
+    x = torch::relu(bn_b(y) + bn_shared(y));  // b's output goes to two BatchNorms
+    return bn_fc(fc(torch::flatten(torch::adaptive_avg_pool2d(x, {1, 1}), 1)));
+  }
+};
+TORCH_MODULE(FoldNet);
+
+}  // namespace
+
+TEST_CASE("BNFolder::fold_ folds users' modules in place; BatchNorms become identities", "[bn_folder][graph]") {
+  torch::manual_seed(31);
+  FoldNet net;
+  randomize_batch_norms(*net);
+  net->train();
+  const auto x = torch::randn({3, 3, 6, 6});
+  torch::Tensor y;
+  {
+    torch::NoGradGuard no_grad;
+    net->eval();
+    y = net->forward(x);
+    net->train();
+  }
+  const auto parameters = net->parameters().size();
+  BNFolder folder;
+  const FoldReport report = folder.fold_(net, x);
+  REQUIRE(report.folded.size() == 2);
+  CHECK(report.folded[0].batch_norm == "bn_a");
+  CHECK(report.folded[0].into == "a");
+  CHECK(report.folded[1].batch_norm == "bn_fc");
+  REQUIRE(report.left.size() == 2);
+  CHECK(report.left[0].batch_norm == "bn_b");
+  CHECK(report.left[0].reason.find("read elsewhere") != std::string::npos);
+  CHECK_FALSE(net->is_training());
+  // `a` had no bias: it has one now, registered as a parameter and in its options.
+  CHECK(net->a->options.bias());
+  CHECK(net->a->bias.defined());
+  CHECK(net->named_parameters().contains("a.bias"));
+  CHECK(net->parameters().size() == parameters + 1);
+  CHECK(torch::equal(net->bn_a->running_var, torch::ones({4})));
+  torch::NoGradGuard no_grad;
+  CHECK(relative_error(net->forward(x), y) <= 1e-5);
+  // The identity is exact: bn_a now returns its input bit for bit.
+  const auto z = torch::randn({2, 4, 3, 3});
+  CHECK(torch::equal(net->bn_a->forward(z), z));
+  // Folding again finds nothing new to change in the outputs.
+  BNFolder().fold_(net, x);
+  CHECK(relative_error(net->forward(x), y) <= 1e-5);
+}
+
+TEST_CASE("BNFolder::fold_ refuses corrupt statistics, changing nothing", "[bn_folder][errors]") {
+  torch::manual_seed(32);
+  FoldNet net;
+  randomize_batch_norms(*net);
+  {
+    torch::NoGradGuard no_grad;
+    net->bn_fc->running_var[1].fill_(-1.0);
+  }
+  const auto before = snapshot(*net);
+  CHECK_THROWS_WITH(BNFolder().fold_(net, torch::randn({2, 3, 6, 6})), Catch::Contains("bn_fc.running_var"));
+  CHECK(unchanged(before, *net));
+  CHECK(net->is_training());
+}

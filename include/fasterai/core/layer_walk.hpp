@@ -89,7 +89,7 @@ struct Layer {
   // The typed layer, or nullptr when it is not an `Impl`.
   template <class Impl>
   Impl* as() const {
-    return (handle ? handle : module.ptr())->as<Impl>();
+    return handle->as<Impl>();
   }
   // Runs a Sequential's child on its own.
   torch::Tensor forward(const torch::Tensor& x) const {

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <iomanip>
+#include <map>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -14,6 +16,7 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/layer_walk.hpp>
+#include <fasterai/graph/trace.hpp>
 
 namespace fasterai {
 
@@ -120,43 +123,37 @@ struct MacReport {
 };
 
 // Multiply-accumulates of one forward pass of a single sample of `input_shape` (without the
-// batch dimension, e.g. {3, 224, 224}) through the convolutions and linear layers of `model`.
-// The shapes are found by running the chain once on zeros, so any layer that LibTorch can run
-// is accepted in between.
-template <sequential_like Model>
+// batch dimension, e.g. {3, 224, 224}) through the Conv2d and Linear layers of any module with
+// a tensor forward, in execution order (a layer called twice counts twice). The shapes come
+// from the model's traced graph (graph/trace.hpp): one forward on zeros, with gradients
+// recorded even under a caller's NoGradGuard, the model left as it was.
+template <traceable Model>
 MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) {
-  detail::check_argument(!input_shape.empty(), "fasterai::count_macs", "input_shape", "{}",
+  constexpr auto where = "fasterai::count_macs";
+  detail::check_argument(!input_shape.empty(), where, "input_shape", "{}",
                          "the shape of one sample without the batch dimension, e.g. {3, 224, 224}");
   for (auto d : input_shape)
-    detail::check_argument(d > 0, "fasterai::count_macs", "input_shape", c10::IntArrayRef(input_shape),
-                           "positive dimensions");
-  torch::NoGradGuard no_grad;
-  MacReport report;
+    detail::check_argument(d > 0, where, "input_shape", c10::IntArrayRef(input_shape), "positive dimensions");
+  // Tracing runs the forward and restores every mode and flag it touches.
+  auto& m = const_cast<impl_of_t<Model>&>(detail::impl(model));
   input_shape.insert(input_shape.begin(), 1);
-  const auto& any_param = detail::impl(model).parameters();
   auto options = torch::TensorOptions().dtype(torch::kFloat32);
-  if (!any_param.empty()) options = options.device(any_param.front().device());
-  torch::Tensor x = torch::zeros(input_shape, options);
-  for (const Layer& layer : layers(model)) {
-    // Layers run in eval mode so that BatchNorm accepts a batch of one; modes are restored.
-    auto& m = *layer.module.ptr();
-    const bool was_training = m.is_training();
-    m.eval();
-    torch::Tensor y;
-    try {
-      y = layer.forward(x);
-    } catch (...) {
-      m.train(was_training);
-      throw;
+  if (const auto p = m.parameters(); !p.empty()) options = options.device(p.front().device()).dtype(p.front().dtype());
+  torch::AutoGradMode grad(true);
+  const Graph graph = trace(m, torch::zeros(input_shape, options));
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  for (const auto& item : m.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
+  MacReport report;
+  for (const auto& n : graph.nodes()) {
+    const auto& shape = graph.values()[n.output].shape;
+    std::int64_t outputs = 1;  // per sample
+    for (std::size_t d = 1; d < shape.size(); ++d) outputs *= shape[d];
+    if (n.kind == OpKind::Conv2d) {
+      const auto& w = modules.at(n.module)->as<torch::nn::Conv2dImpl>()->weight;  // [out, in/groups, kh, kw]
+      report.layers.push_back({n.module, LayerKind::Conv2d, outputs * w.size(1) * w.size(2) * w.size(3)});
+    } else if (n.kind == OpKind::Linear) {
+      report.layers.push_back({n.module, LayerKind::Linear, outputs * modules.at(n.module)->as<torch::nn::LinearImpl>()->weight.size(1)});
     }
-    m.train(was_training);
-    if (auto* conv = layer.as<torch::nn::Conv2dImpl>()) {
-      const auto& w = conv->weight;  // [out, in/groups, kh, kw]
-      report.layers.push_back({layer.name, layer.kind, y.numel() * w.size(1) * w.size(2) * w.size(3)});
-    } else if (auto* lin = layer.as<torch::nn::LinearImpl>()) {
-      report.layers.push_back({layer.name, layer.kind, y.numel() * lin->weight.size(1)});
-    }
-    x = y;
   }
   return report;
 }

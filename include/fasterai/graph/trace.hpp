@@ -134,6 +134,8 @@ class Tracer {
     const std::int64_t out = value_of(output.grad_fn().get(), output.output_nr());
     check_argument(out >= 0, trace_where, "model", "a forward whose output does not depend on its input",
                    "a forward that computes its output from its input");
+    check_argument(!reached_.empty(), trace_where, "model", "a forward that reaches none of its parameters",
+                   "a model whose forward uses its parameters (there is nothing to analyse otherwise)");
     builder_.output(out);
     for (const auto& l : layers_)
       if (!reached_.count(l)) builder_.untraced(l);

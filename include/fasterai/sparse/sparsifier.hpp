@@ -12,16 +12,37 @@
 //   // in the training loop, after backward():
 //   gradual.step(progress); gradual.mask_gradients(); optimizer.step(); gradual.apply();
 //
+// Any module works: layers are found through named_modules() with their qualified names.
+// Filter granularity removes channels that other layers share — the output channels of every
+// conv added into one residual stream, a depthwise conv's channels with the ones it reads — so it
+// works on the model's channel-dependency graph (graph/graph.hpp): a Sequential's is known
+// statically, any other module is traced once from an example input:
+//
+//   fasterai::Sparsifier<granularity::Filter, method::Local, criteria::L1> s(resnet, example, 30);
+//
+// A coupled group (the channels one residual stream or one plain conv makes) is scored unit by
+// unit, a unit's score being the sum of its members' criteria (as DepGraph does), and pruned unit
+// by unit: every conv/linear output channel and BatchNorm γ/β of the unit is zeroed together, so
+// the masked model computes exactly what the Pruner's physically pruned model computes. Units
+// the Pruner could not remove (held by the input, the output or a barrier, or followed by an
+// operation that turns zeros into something else) are never selected. Local counts floor(n·s/100)
+// per coupled group; Global selects over all groups by each unit's score divided by the mean
+// score of its group (`normalize`, on by default for Filter), because raw sums grow with a
+// layer's fan-in and would empty the small layers first; every group keeps at least one unit.
+//
 // The sparsifier binds to the model's layers when it is created (selection, per-layer
 // criteria state such as Movement's initial weights) and keeps one persistent mask per layer
 // on the weight's device. Masks are recomputed only when the number of groups to remove
-// changes; between recomputations a step costs one masked_fill_ per tensor.
+// changes; between recomputations a step costs one multiply per tensor. After the Pruner has
+// removed channels, build a new sparsifier: the masks have the old shapes.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -32,6 +53,10 @@
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/layer_walk.hpp>
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/graph.hpp>
+#include <fasterai/graph/removal.hpp>
+#include <fasterai/graph/sequential_graph.hpp>
+#include <fasterai/graph/trace.hpp>
 #include <fasterai/sparse/concepts.hpp>
 #include <fasterai/sparse/criteria.hpp>
 #include <fasterai/sparse/granularity.hpp>
@@ -53,7 +78,20 @@ struct SparsifierOptions {
   TORCH_ARG(std::vector<std::string>, exclude) = {}; // never these layers
   TORCH_ARG(LayerTargets, layer_targets) = {};       // per-layer targets (Local method only)
   TORCH_ARG(std::uint64_t, seed) = 0;                // Random criteria
+  // Global method with Filter granularity: compare units by score / mean score of their
+  // coupled group, so that layers with a large fan-in do not keep all their channels.
+  TORCH_ARG(bool, normalize) = true;
+  // Filter granularity: prune fewer units where needed so that every coupled group keeps a
+  // multiple of this many channels (or all of them): convolution kernels often run fastest at
+  // widths that are multiples of 8 or 16.
+  TORCH_ARG(std::int64_t, round_to) = 1;
 };
+
+// Whether the sparsifier can find its groups without running the model: any granularity on a
+// Sequential, and every granularity but Filter (whose channels are coupled across layers) on
+// any module. Otherwise pass an example input to trace the model with.
+template <class Model, class Granularity>
+concept structure_known_statically = sequential_like<Model> || !Granularity::whole_channel;
 
 namespace detail {
 // Whether a schedule keeps the masks in force instead of recomputing them (Constant).
@@ -75,10 +113,26 @@ class Sparsifier final : public SparsifierInterface {
   using criteria_type = Criteria;
   using schedule_type = Schedule;
 
-  template <sequential_like Model>
+  // Layers of any module; for Filter granularity a Sequential only (its graph is static).
+  template <module Model>
+    requires structure_known_statically<Model, Granularity>
   explicit Sparsifier(const Model& model, SparsifierOptions options = {}, Schedule schedule = {})
       : options_(std::move(options)), schedule_(std::move(schedule)) {
-    select_layers(layers(model));
+    const LayerView all = layers(model);
+    select_layers(all);
+    if constexpr (Granularity::whole_channel) bind_channels(graph_of(model), all);
+    if (detail::keeps_masks(schedule_)) adopt_zero_groups();
+  }
+
+  // Any module with a tensor forward, traced once on `example` (a batch of inputs) when the
+  // granularity needs the channel coupling.
+  template <traceable Model>
+  Sparsifier(Model&& model, const torch::Tensor& example, SparsifierOptions options = {},
+             Schedule schedule = {})
+      : options_(std::move(options)), schedule_(std::move(schedule)) {
+    const LayerView all = layers(model);
+    select_layers(all);
+    if constexpr (Granularity::whole_channel) bind_channels(trace(model, example), all);
     if (detail::keeps_masks(schedule_)) adopt_zero_groups();
   }
 
@@ -148,21 +202,20 @@ class Sparsifier final : public SparsifierInterface {
  private:
   struct Target {
     Layer layer;
-    std::optional<Layer> batch_norm;  // the BatchNorm right after the layer, if any
     double target = 0;                // final sparsity of this layer
     torch::Tensor state;              // the criteria's per-layer state
     torch::Tensor pruned;             // bool, like the weight: true = pruned
     torch::Tensor channels;           // bool [out]: whole pruned channels (Filter)
     std::int64_t groups_pruned = -1;  // count in force; -1 = no mask yet
-    // The masks as 1/0 multipliers in the weight's dtype, derived from the ones above: on CPU
+    // The mask as 1/0 multipliers in the weight's dtype, derived from the one above: on CPU
     // a same-dtype multiply is ~50x faster than masked_fill_, and this runs every step.
-    torch::Tensor keep, keep_channels;
+    torch::Tensor keep;
+    torch::Tensor units;              // Filter: long [out], the graph unit of each output channel
 
     void set_masks(torch::Tensor pruned_weights, torch::Tensor pruned_channels, std::int64_t groups) {
       pruned = std::move(pruned_weights);
       channels = std::move(pruned_channels);
       keep = multiplier(pruned, keep);
-      keep_channels = channels.defined() ? multiplier(channels, keep_channels) : torch::Tensor();
       groups_pruned = groups;
     }
     // 1 where kept, 0 where pruned, written into the previous buffer when it fits (a new
@@ -176,8 +229,26 @@ class Sparsifier final : public SparsifierInterface {
     void move_masks(const torch::Device& d) {
       pruned = pruned.to(d);
       keep = keep.to(d);
-      if (channels.defined()) channels = channels.to(d), keep_channels = keep_channels.to(d);
+      if (channels.defined()) channels = channels.to(d);
     }
+  };
+
+  // Filter granularity: a coupled group of the graph that can be pruned, unit by unit.
+  struct Producer {
+    std::size_t target;       // the layer (index into targets_) making some of its channels
+    torch::Tensor channels;   // long [k]: the layer's output channels in the group
+    torch::Tensor positions;  // long [k]: their units' positions in the group
+  };
+  struct Coupled {
+    torch::Tensor units;      // long [n]: graph unit ids
+    std::vector<Producer> producers;
+    std::int64_t pruned_count = -1;
+  };
+  // A per-channel tensor zeroed with its unit: a layer's bias, a BatchNorm's γ or β.
+  struct ChannelTensor {
+    torch::Tensor tensor;     // shares the module's tensor
+    torch::Tensor units;      // long [C]: the graph unit of each channel
+    torch::Tensor keep;       // 1/0 multipliers in the tensor's dtype
   };
 
   struct Computed {
@@ -206,6 +277,8 @@ class Sparsifier final : public SparsifierInterface {
     detail::check_sparsity(detail::concat(ctor, " (options.target)"), options_.target());
     detail::check_sparsity(detail::concat(ctor, " (options.start)"), options_.start());
     check_reachable("options.target", options_.target());
+    detail::check_argument(options_.round_to() >= 1, ctor, "round_to", options_.round_to(),
+                           "a channel multiple >= 1 (1: no rounding)");
     detail::check_argument(!Method::global || options_.layer_targets().empty(), ctor,
                            "layer_targets", options_.layer_targets().size(),
                            "no per-layer targets with the Global method (one threshold for all)");
@@ -225,9 +298,6 @@ class Sparsifier final : public SparsifierInterface {
       Target t;
       t.layer = l;
       t.target = options_.target();
-      auto next = std::next(it);
-      if (next != all.end() && (next->kind == LayerKind::BatchNorm2d || next->kind == LayerKind::BatchNorm1d))
-        t.batch_norm = *next;
       selected.push_back(std::move(t));
     }
     detail::check_argument(!selected.empty(), ctor, "model", "a model with no selected layer",
@@ -251,10 +321,103 @@ class Sparsifier final : public SparsifierInterface {
                                           "% for granularity ", Granularity::name()));
   }
 
+  // Filter granularity: the coupled groups of the graph whose units the sparsifier may zero —
+  // those the Pruner can remove once zeroed, all of whose producing layers are selected.
+  void bind_channels(const Graph& g, const LayerView& all) {
+    const auto n_units = static_cast<std::int64_t>(g.units().size());
+    const std::int64_t none = n_units;  // a slot that is never pruned
+    auto all_zero = [&](const GraphNode& n) {
+      return std::vector<char>(static_cast<std::size_t>(g.values()[n.output].channels()), 1);
+    };
+    std::vector<char> candidate = detail::removable_units(g, detail::zero_channels(g, all_zero));
+    std::map<std::string, std::size_t> target_of;
+    for (std::size_t i = 0; i < targets_.size(); ++i) target_of[targets_[i].layer.name] = i;
+    for (const auto& group : g.groups()) {
+      const bool selected = !group.producers.empty() &&
+          std::all_of(group.producers.begin(), group.producers.end(),
+                      [&](const std::string& p) { return target_of.count(p) != 0; });
+      if (!selected)
+        for (auto u : group.units) candidate[u] = 0;
+    }
+    // Candidate units by coupled group, with their positions.
+    std::vector<std::int64_t> coupled_of(static_cast<std::size_t>(n_units), -1), position(static_cast<std::size_t>(n_units), -1);
+    for (const auto& group : g.groups()) {
+      std::vector<std::int64_t> units;
+      for (auto u : group.units)
+        if (candidate[u]) position[u] = static_cast<std::int64_t>(units.size()), units.push_back(u);
+      if (units.empty()) continue;
+      for (auto u : units) coupled_of[u] = static_cast<std::int64_t>(coupled_.size());
+      Coupled c;
+      c.units = torch::tensor(units, torch::kLong);
+      coupled_.push_back(std::move(c));
+    }
+    auto unit_index = [&](const std::vector<std::int64_t>& units) {
+      std::vector<std::int64_t> idx;
+      for (auto u : units) idx.push_back(candidate[u] ? u : none);
+      return torch::tensor(idx, torch::kLong);
+    };
+    for (auto& t : targets_) t.units = torch::full({t.layer.weight().size(0)}, none, torch::kLong);
+    std::set<std::string> seen;
+    for (const auto& n : g.nodes()) {
+      if (n.module.empty() || !seen.insert(n.module).second) continue;  // first call of a module
+      const auto units = g.units_of(n.output);
+      if (n.kind == OpKind::BatchNorm) {
+        const auto idx = unit_index(units);
+        if ((idx != none).any().template item<bool>()) {
+          const auto layer = std::find_if(all.begin(), all.end(), [&](const Layer& l) { return l.name == n.module; });
+          if (layer == all.end()) continue;
+          const auto& m = *layer->handle;
+          auto add = [&](const auto& bn) {
+            if (bn.options.affine())
+              for (const auto* x : {&bn.weight, &bn.bias}) channel_tensors_.push_back({*x, idx, {}});
+          };
+          if (const auto* bn2 = m.template as<torch::nn::BatchNorm2dImpl>()) add(*bn2);
+          if (const auto* bn1 = m.template as<torch::nn::BatchNorm1dImpl>()) add(*bn1);
+        }
+        continue;
+      }
+      const auto it = target_of.find(n.module);
+      if (it == target_of.end()) continue;
+      Target& t = targets_[it->second];
+      t.units = unit_index(units);
+      if (const auto& b = t.layer.bias(); b.defined()) channel_tensors_.push_back({b, t.units, {}});
+      std::map<std::int64_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> by_coupled;
+      for (std::size_t o = 0; o < units.size(); ++o) {
+        if (!candidate[units[o]]) continue;
+        auto& [channels, positions] = by_coupled[coupled_of[units[o]]];
+        channels.push_back(static_cast<std::int64_t>(o));
+        positions.push_back(position[units[o]]);
+      }
+      for (auto& [c, cp] : by_coupled)
+        coupled_[c].producers.push_back({it->second, torch::tensor(cp.first, torch::kLong),
+                                         torch::tensor(cp.second, torch::kLong)});
+    }
+    unit_pruned_ = torch::zeros({n_units + 1}, torch::kBool);
+  }
+
   // Masks from the groups that are already entirely zero (Constant schedule: keep what an
   // earlier round removed).
   void adopt_zero_groups() {
     torch::NoGradGuard no_grad;
+    if constexpr (Granularity::whole_channel) {
+      // A unit is already removed when every producing channel of it is zero.
+      std::vector<torch::Tensor> zero_units;
+      std::int64_t pruned = 0, total = 0;
+      for (const auto& c : coupled_) {
+        auto nonzero = torch::zeros({c.units.numel()}, torch::kLong);
+        for (const auto& p : c.producers) {
+          const auto& w = targets_[p.target].layer.weight();
+          const auto alive = w.detach().reshape({w.size(0), -1}).ne(0).any(1).to(torch::kCPU);
+          nonzero.index_add_(0, p.positions, alive.index_select(0, p.channels).to(torch::kLong));
+        }
+        zero_units.push_back(nonzero.eq(0));
+        pruned += zero_units.back().sum().template item<std::int64_t>();
+        total += c.units.numel();
+      }
+      commit_units(zero_units, std::vector<std::int64_t>(coupled_.size(), -1));
+      current_ = total == 0 ? 0.0 : 100.0 * double(pruned) / double(total);
+      return;
+    }
     std::int64_t pruned = 0, total = 0;
     for (auto& t : targets_) {
       auto w = t.layer.weight().detach().to(torch::kFloat32).abs();
@@ -296,6 +459,10 @@ class Sparsifier final : public SparsifierInterface {
       groups.push_back(Granularity::group_scores(s));
       all_groups += groups.back().numel();
     }
+    if constexpr (Granularity::whole_channel) {
+      recompute_units(groups, sparsity, force);
+      return;
+    }
     std::vector<std::int64_t> counts(targets_.size());
     if constexpr (Method::global) {
       const auto k = Granularity::groups_to_prune(all_groups, sparsity.front());
@@ -333,9 +500,93 @@ class Sparsifier final : public SparsifierInterface {
       targets_[i].set_masks(std::move(out[i].pruned), std::move(out[i].channels), out[i].groups);
   }
 
+  // Units to prune out of n when `k` are wanted and the rest must be a multiple of round_to.
+  std::int64_t rounded(std::int64_t n, std::int64_t k) const {
+    const auto r = options_.round_to();
+    if (r <= 1 || k == 0) return k;
+    const auto kept = std::min(n, (n - k + r - 1) / r * r);
+    return n - kept;
+  }
+
+  // Filter granularity: a unit's score is the sum of its producing channels' scores; Local
+  // selects within each coupled group (at the smallest target of its layers), Global over all
+  // of them (normalized by each group's mean score unless told otherwise).
+  void recompute_units(const std::vector<torch::Tensor>& filter_scores, const std::vector<double>& sparsity,
+                       bool force) {
+    std::vector<torch::Tensor> unit_scores;
+    std::vector<std::int64_t> counts(coupled_.size());
+    std::int64_t total = 0;
+    for (std::size_t i = 0; i < coupled_.size(); ++i) {
+      const auto& c = coupled_[i];
+      auto u = torch::zeros({c.units.numel()}, torch::kFloat32);
+      double s = 100.0;
+      for (const auto& p : c.producers) {
+        u.index_add_(0, p.positions, filter_scores[p.target].reshape({-1}).to(torch::kCPU).index_select(0, p.channels));
+        s = std::min(s, sparsity[p.target]);
+      }
+      if constexpr (!Method::global) counts[i] = rounded(u.numel(), Granularity::groups_to_prune(u.numel(), s));
+      total += u.numel();
+      unit_scores.push_back(std::move(u));
+    }
+    if constexpr (Method::global)
+      std::fill(counts.begin(), counts.end(), Granularity::groups_to_prune(total, sparsity.front()));
+    bool changed = force;
+    for (std::size_t i = 0; i < coupled_.size(); ++i) changed |= counts[i] != coupled_[i].pruned_count;
+    if (!changed) return;
+
+    std::vector<torch::Tensor> selected;
+    if constexpr (Method::global) {
+      if (options_.normalize())
+        for (auto& u : unit_scores) {
+          const double mean = u.mean().template item<double>();
+          if (mean > 0) u.div_(mean);
+        }
+      auto selection = detail::select_lowest(unit_scores, counts.front());
+      selected = std::move(selection.masks);
+      for (std::size_t i = 0; i < selected.size(); ++i) {
+        // Every group keeps its best unit, and a multiple of round_to: the best of the
+        // selected units are given back.
+        const auto n = unit_scores[i].numel();
+        const auto give_back = selection.counts[i] - rounded(n, std::min(selection.counts[i], n - 1));
+        if (give_back > 0) {
+          const auto scores = unit_scores[i].masked_fill(~selected[i], -std::numeric_limits<float>::infinity());
+          selected[i].index_put_({std::get<1>(scores.topk(give_back))}, false);
+        }
+      }
+    } else {
+      for (std::size_t i = 0; i < coupled_.size(); ++i)
+        selected.push_back(detail::select_lowest({unit_scores[i]}, counts[i]).masks.front());
+    }
+    commit_units(selected, counts);
+  }
+
+  // Pruned units -> the masks of every selected weight and channel tensor; computed first, then
+  // committed.
+  void commit_units(const std::vector<torch::Tensor>& selected, const std::vector<std::int64_t>& counts) {
+    torch::Tensor pruned = torch::zeros_like(unit_pruned_);
+    for (std::size_t i = 0; i < coupled_.size(); ++i) pruned.index_put_({coupled_[i].units}, selected[i]);
+    std::vector<Computed> out;
+    for (const auto& t : targets_) {
+      const auto& w = t.layer.weight();
+      const torch::Tensor channels = pruned.index_select(0, t.units).to(w.device());
+      std::vector<std::int64_t> shape(static_cast<std::size_t>(w.dim()), 1);
+      shape[0] = w.size(0);
+      out.push_back({Granularity::expand(channels.view(shape), w).contiguous(), channels,
+                     channels.sum().template item<std::int64_t>()});
+    }
+    std::vector<torch::Tensor> keeps;
+    for (const auto& ct : channel_tensors_)
+      keeps.push_back(torch::logical_not(pruned.index_select(0, ct.units)).to(ct.tensor.options().requires_grad(false)));
+    unit_pruned_ = pruned;  // commit
+    for (std::size_t i = 0; i < coupled_.size(); ++i) coupled_[i].pruned_count = counts[i];
+    for (std::size_t i = 0; i < targets_.size(); ++i)
+      targets_[i].set_masks(std::move(out[i].pruned), std::move(out[i].channels), out[i].groups);
+    for (std::size_t i = 0; i < channel_tensors_.size(); ++i) channel_tensors_[i].keep = std::move(keeps[i]);
+  }
+
   // f(tensor, keep) for every masked tensor: each selected weight with its mask and, for Filter
-  // granularity, the channel tensors with the channel mask. Masks follow a model moved to
-  // another device.
+  // granularity, each channel tensor (bias, BatchNorm γ and β) with its channels' mask. Masks
+  // follow a model moved to another device.
   template <class F>
   void for_each_masked(F&& f) {
     torch::NoGradGuard no_grad;
@@ -344,21 +595,11 @@ class Sparsifier final : public SparsifierInterface {
       auto& w = t.layer.weight();
       if (t.keep.device() != w.device()) t.move_masks(w.device());
       f(w, t.keep);
-      if (Granularity::whole_channel)
-        for_each_channel_tensor(t, [&](torch::Tensor& x) { f(x, t.keep_channels); });
     }
-  }
-
-  // The per-channel tensors a removed filter takes with it: the layer's bias and the
-  // following BatchNorm's gamma and beta.
-  template <class F>
-  static void for_each_channel_tensor(Target& t, F&& f) {
-    if (auto& b = t.layer.bias(); b.defined()) f(b);
-    if (!t.batch_norm) return;
-    if (auto* bn = t.batch_norm->template as<torch::nn::BatchNorm2dImpl>()) {
-      if (bn->weight.defined() && bn->weight.size(0) == t.channels.size(0)) f(bn->weight), f(bn->bias);
-    } else if (auto* bn1 = t.batch_norm->template as<torch::nn::BatchNorm1dImpl>()) {
-      if (bn1->weight.defined() && bn1->weight.size(0) == t.channels.size(0)) f(bn1->weight), f(bn1->bias);
+    for (auto& ct : channel_tensors_) {
+      if (!ct.keep.defined()) continue;
+      if (ct.keep.device() != ct.tensor.device()) ct.keep = ct.keep.to(ct.tensor.device());
+      f(ct.tensor, ct.keep);
     }
   }
 
@@ -371,6 +612,9 @@ class Sparsifier final : public SparsifierInterface {
   SparsifierOptions options_;
   Schedule schedule_;
   std::vector<Target> targets_;
+  std::vector<Coupled> coupled_;              // Filter granularity only
+  std::vector<ChannelTensor> channel_tensors_;  // Filter granularity only
+  torch::Tensor unit_pruned_;                 // bool [graph units + 1]: the last slot is never pruned
   double current_ = 0.0;
 };
 

@@ -8,17 +8,24 @@
 // which removes a layer, its parameters and a pass over the activations, with outputs
 // unchanged. Use it on a trained model, after pruning, before measuring or deploying:
 //
-//   auto folded = fasterai::BNFolder().fold(model);   // `model` is left as it was
+//   auto folded = fasterai::BNFolder().fold(sequential);  // a copy; `sequential` is left as it was
+//   fasterai::BNFolder().fold_(model, example_input);     // any module, in place
 //
-// A BatchNorm2d directly after a Conv2d and a BatchNorm1d directly after a Linear are folded;
-// a convolution without bias gains one. The BatchNorm layers disappear; every other layer keeps
-// its name. The result is in eval mode whatever the input's mode: it only computes the eval-mode
-// function (training it would need the BatchNorms back). A BatchNorm with nothing to fold into,
-// or without running statistics, is left in place and listed in the report.
+// A BatchNorm2d whose input comes straight from a Conv2d, and a BatchNorm1d whose input comes
+// straight from a Linear, are folded when nothing else reads that layer's output (the model's
+// channel-dependency graph tells: static for Sequentials, traced otherwise); a layer without
+// bias gains one. From a Sequential the BatchNorm layers disappear and every other layer keeps
+// its name. In place, a module the user holds cannot disappear, so each folded BatchNorm becomes
+// an exact identity in eval mode (γ = 1, β = 0, μ = 0, σ² = 1, ε = 0). Either way the model is
+// in eval mode afterwards: it computes the eval-mode function only (training it would need the
+// BatchNorms back). A BatchNorm with nothing to fold into, or without running statistics, is
+// left in place and listed in the report.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,6 +34,9 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/layer_walk.hpp>
+#include <fasterai/graph/graph.hpp>
+#include <fasterai/graph/sequential_graph.hpp>
+#include <fasterai/graph/trace.hpp>
 #include <fasterai/transform/rebuild.hpp>
 
 namespace fasterai {
@@ -55,6 +65,11 @@ class BNFolder {
   // negative or non-finite running variance, or non-finite statistics or parameters.
   template <sequential_like Model>
   torch::nn::Sequential fold(const Model& model);
+
+  // Folds in place every foldable BatchNorm of any module, traced on `example` (a batch of
+  // inputs), with the strong guarantee: on error nothing changed. Returns the report.
+  template <traceable Model>
+  FoldReport fold_(Model& model, const torch::Tensor& example);
 
   // What the last `fold` did.
   const FoldReport& report() const { return report_; }
@@ -158,19 +173,34 @@ struct FoldPlan {
   FoldReport report;
 };
 
-inline FoldPlan plan_folding(const std::vector<Layer>& all) {
+// The BatchNorms of `all` (the model's layers) that fold into the layer writing their input,
+// found on the model's graph.
+inline FoldPlan plan_folding(const std::vector<Layer>& all, const Graph& g) {
   FoldPlan plan;
-  for (std::size_t i = 0; i < all.size(); ++i) {
-    const Layer& layer = all[i];
+  for (const Layer& layer : all) {
     if (layer.kind != LayerKind::BatchNorm2d && layer.kind != LayerKind::BatchNorm1d) continue;
     const bool is_2d = layer.kind == LayerKind::BatchNorm2d;
     const BatchNormView bn = is_2d ? view_of(*layer.as<torch::nn::BatchNorm2dImpl>())
                                    : view_of(*layer.as<torch::nn::BatchNorm1dImpl>());
-    const LayerKind wanted = is_2d ? LayerKind::Conv2d : LayerKind::Linear;
-    const Layer* before = i > 0 ? &all[i - 1] : nullptr;
-    if (before == nullptr || before->kind != wanted) {
-      plan.report.left.push_back(
-          {layer.name, "not directly after a " + std::string(to_string(wanted))});
+    const OpKind wanted = is_2d ? OpKind::Conv2d : OpKind::Linear;
+    const auto nodes = g.nodes_of(layer.name);
+    if (nodes.empty()) {
+      plan.report.left.push_back({layer.name, "not reached by the forward pass"});
+      continue;
+    }
+    if (nodes.size() > 1) {
+      plan.report.left.push_back({layer.name, "called more than once"});
+      continue;
+    }
+    const GraphNode& node = g.nodes()[nodes.front()];
+    const std::int64_t producer = node.kind == OpKind::BatchNorm ? g.values()[node.inputs.front()].producer : -1;
+    if (producer < 0 || g.nodes()[producer].kind != wanted) {
+      plan.report.left.push_back({layer.name, "not directly after a " + std::string(to_string(wanted))});
+      continue;
+    }
+    const std::string& before = g.nodes()[producer].module;
+    if (g.consumers(node.inputs.front()).size() != 1 || g.nodes_of(before).size() != 1) {
+      plan.report.left.push_back({layer.name, "the output of '" + before + "' is also read elsewhere"});
       continue;
     }
     if (!bn.running_mean->defined()) {
@@ -179,20 +209,20 @@ inline FoldPlan plan_folding(const std::vector<Layer>& all) {
       plan.report.left.push_back({layer.name, "no running statistics"});
       continue;
     }
-    const std::int64_t channels =
-        is_2d ? before->as<torch::nn::Conv2dImpl>()->options.out_channels()
-              : before->as<torch::nn::LinearImpl>()->options.out_features();
-    if (channels != bn.num_features) {
-      plan.report.left.push_back({layer.name, "num_features differs from the outputs of '" +
-                                                  before->name + "'"});
-      continue;
-    }
     check_foldable(layer.name, bn);
-    plan.into.emplace(before->name, bn);
-    plan.report.folded.push_back({layer.name, before->name});
+    plan.into.emplace(before, bn);
+    plan.report.folded.push_back({layer.name, before});
   }
   return plan;
 }
+
+// Access to a module's parameter table, to give a layer without bias the bias folding needs:
+// LibTorch registers a missing bias as an undefined tensor and offers no way to replace it.
+struct ParameterTable : torch::nn::Module {
+  static torch::OrderedDict<std::string, torch::Tensor>& of(torch::nn::Module& m) {
+    return m.*(&ParameterTable::parameters_);
+  }
+};
 
 }  // namespace detail
 
@@ -201,7 +231,7 @@ torch::nn::Sequential BNFolder::fold(const Model& model) {
   const LayerView view = layers(model);
   const std::vector<Layer> all(view.begin(), view.end());
   torch::NoGradGuard no_grad;
-  detail::FoldPlan plan = detail::plan_folding(all);
+  detail::FoldPlan plan = detail::plan_folding(all, graph_of(model));
   std::map<std::string, bool> dropped;
   for (const auto& f : plan.report.folded) dropped[f.batch_norm] = true;
   auto result = detail::rebuild(model, [&](const std::string& name, const torch::nn::AnyModule& any) {
@@ -216,6 +246,77 @@ torch::nn::Sequential BNFolder::fold(const Model& model) {
   result->eval();
   report_ = std::move(plan.report);
   return result;
+}
+
+namespace detail {
+
+// Applies a fold plan to the model's own layers: every new tensor is computed first, then
+// nothing can fail.
+inline void fold_in_place(const std::vector<Layer>& all, const FoldPlan& plan) {
+  torch::NoGradGuard no_grad;
+  auto find = [&](const std::string& name) {
+    return std::find_if(all.begin(), all.end(), [&](const Layer& l) { return l.name == name; })->handle;
+  };
+  struct Folded {
+    std::shared_ptr<torch::nn::Module> layer;
+    torch::Tensor weight, bias;
+  };
+  std::vector<Folded> folded;
+  for (const auto& [name, bn] : plan.into) {
+    auto layer = find(name);
+    if (auto* conv = layer->as<torch::nn::Conv2dImpl>()) {
+      auto f = folded_conv(*conv, bn);
+      folded.push_back({layer, f->weight.detach(), f->bias.detach()});
+    } else {
+      auto f = folded_linear(*layer->as<torch::nn::LinearImpl>(), bn);
+      folded.push_back({layer, f->weight.detach(), f->bias.detach()});
+    }
+  }
+  for (auto& f : folded) {
+    auto* conv = f.layer->as<torch::nn::Conv2dImpl>();
+    auto* linear = f.layer->as<torch::nn::LinearImpl>();
+    torch::Tensor& weight = conv ? conv->weight : linear->weight;
+    torch::Tensor& bias = conv ? conv->bias : linear->bias;
+    weight.set_data(f.weight);
+    if (bias.defined()) {
+      bias.set_data(f.bias);
+    } else {
+      auto& table = ParameterTable::of(*f.layer);
+      torch::Tensor added = f.bias.clone().requires_grad_(weight.requires_grad());
+      if (table.contains("bias"))
+        table["bias"] = added;
+      else
+        table.insert("bias", added);
+      bias = added;
+      if (conv) conv->options.bias(true);
+      if (linear) linear->options.bias(true);
+    }
+  }
+  auto make_identity = [](auto& bn) {
+    if (bn.options.affine()) bn.weight.fill_(1), bn.bias.zero_();
+    bn.running_mean.zero_();
+    bn.running_var.fill_(1);
+    bn.options.eps(0.0);
+  };
+  for (const auto& f : plan.report.folded) {
+    auto layer = find(f.batch_norm);
+    if (auto* bn2 = layer->as<torch::nn::BatchNorm2dImpl>()) make_identity(*bn2);
+    if (auto* bn1 = layer->as<torch::nn::BatchNorm1dImpl>()) make_identity(*bn1);
+  }
+}
+
+}  // namespace detail
+
+template <traceable Model>
+FoldReport BNFolder::fold_(Model& model, const torch::Tensor& example) {
+  const LayerView view = layers(model);
+  const std::vector<Layer> all(view.begin(), view.end());
+  const Graph graph = trace(model, example);
+  detail::FoldPlan plan = detail::plan_folding(all, graph);
+  detail::fold_in_place(all, plan);
+  detail::impl(model).eval();
+  report_ = std::move(plan.report);
+  return report_;
 }
 
 }  // namespace fasterai

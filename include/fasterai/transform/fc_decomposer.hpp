@@ -83,6 +83,9 @@ class FCDecomposer {
 
   // A new model in which every selected Linear is factorized with rank
   // L = max(1, floor((1 − percent_removed)·min(out, in))); percent_removed is in [0, 1).
+  // Sequentials only (the constraint refuses other modules at compile time): a Linear that is a
+  // member of a user's module is called by that module's forward, which cannot be made to call
+  // two Linears instead.
   template <sequential_like Model>
   torch::nn::Sequential decompose(const Model& model, double percent_removed);
 

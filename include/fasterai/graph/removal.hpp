@@ -1,0 +1,89 @@
+#pragma once
+// When removing a unit of channels is exact: the rule the Pruner applies to the weights it finds
+// and the Sparsifier to the weights it is about to zero, so that what one zeroes the other
+// removes.
+//
+// Removing a unit changes nothing that remains when every layer that mixes it into other
+// channels (a Conv2d with groups = 1, a Linear) reads exact zeros from it, whatever the input.
+// Which channels are exact zeros follows from the layers that make them, value by value in
+// execution order: a Conv2d/Linear output channel is zero when its filter and bias are, a
+// BatchNorm's when γ = β = 0; zero-preserving operations pass zeros on; a sum is zero where all
+// operands are, a product where one is.
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include <fasterai/graph/graph.hpp>
+
+namespace fasterai::detail {
+
+// Which output channels of a Conv2d, Linear or BatchNorm node are exact zeros.
+using ZeroOutputs = std::function<std::vector<char>(const GraphNode&)>;
+
+// For each value of the graph, which channels are exact zeros.
+inline std::vector<std::vector<char>> zero_channels(const Graph& g, const ZeroOutputs& zero_outputs) {
+  std::vector<std::vector<char>> zero(g.values().size());
+  for (const auto& n : g.nodes()) {
+    auto& out = zero[n.output];
+    const auto channels = static_cast<std::size_t>(g.values()[n.output].channels());
+    out.assign(channels, 0);
+    switch (n.kind) {
+      case OpKind::Conv2d:
+      case OpKind::Linear:
+      case OpKind::BatchNorm:
+        out = zero_outputs(n);
+        break;
+      case OpKind::PerChannel:
+        if (n.zero_preserving) out = zero[n.inputs.front()];
+        break;
+      case OpKind::Add:
+      case OpKind::Mul: {
+        const bool add = n.kind == OpKind::Add;
+        if (add && n.constant_operand) break;  // x + c is not zero where x is
+        std::fill(out.begin(), out.end(), add ? 1 : 0);
+        for (auto o : n.inputs) {
+          if (zero[o].size() != channels) continue;  // broadcast over channels
+          for (std::size_t c = 0; c < channels; ++c)
+            out[c] = add ? (out[c] && zero[o][c]) : (out[c] || zero[o][c]);
+        }
+        break;
+      }
+      case OpKind::Concat: {
+        std::size_t k = 0;
+        for (auto o : n.inputs)
+          for (char z : zero[o]) out[k++] = z;
+        break;
+      }
+      case OpKind::Flatten: {
+        const auto& in = zero[n.inputs.front()];
+        const std::size_t block = in.empty() ? 1 : channels / in.size();
+        for (std::size_t c = 0; c < channels; ++c) out[c] = in[c / block];
+        break;
+      }
+      case OpKind::Input:
+      case OpKind::Barrier:
+        break;
+    }
+  }
+  return zero;
+}
+
+// Units whose removal is exact given which channels are zeros: nothing holds them, and every
+// layer that mixes them reads zeros.
+inline std::vector<char> removable_units(const Graph& g, const std::vector<std::vector<char>>& zero) {
+  std::vector<char> removable(g.units().size());
+  for (std::size_t u = 0; u < g.units().size(); ++u) removable[u] = !g.units()[u].fixed;
+  for (const auto& n : g.nodes()) {
+    const bool mixes = n.kind == OpKind::Linear || (n.kind == OpKind::Conv2d && n.groups == 1);
+    if (!mixes) continue;
+    const auto in = n.inputs.front();
+    const auto units = g.units_of(in);
+    for (std::size_t i = 0; i < units.size(); ++i)
+      if (!zero[in][i]) removable[units[i]] = 0;
+  }
+  return removable;
+}
+
+}  // namespace fasterai::detail
