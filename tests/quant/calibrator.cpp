@@ -241,6 +241,13 @@ TEST_CASE("Calibrator refuses bad input, naming it, and changes nothing", "[quan
   CHECK(calibrator.batches_observed() == 1);
   const auto x = batches(20, 1).front();
   CHECK(torch::equal(run(first, x), run(*std::make_unique<nn::Sequential>(calibrator.convert()), x)));
+  // The same with a histogram observer, whose state is a tensor.
+  Calibrator<quant::PercentileObserver> histogram(model);
+  histogram.observe(batches(19, 1));
+  auto before_failure = histogram.convert();
+  // Within the observed range (no re-binning), then a shape error at the first convolution.
+  CHECK_THROWS(histogram.observe(torch::cat({batches(27, 1).front() * 0.1, torch::zeros({16, 2, 28, 28})}, 1)));
+  CHECK(torch::equal(run(before_failure, x), run(*std::make_unique<nn::Sequential>(histogram.convert()), x)));
   // Non-finite activations.
   Calibrator nan_calibrator(model);
   auto bad = batches(21, 1).front();

@@ -101,7 +101,9 @@ class PercentileObserver {
     } else if (lo < min_ || hi > max_) {
       rebin(std::min(lo, min_), std::max(hi, max_));
     }
-    histogram_ += counts_of(v, min_, max_);
+    // Out of place: copies of an observer share tensors, and a copy must not change the original
+    // (the Calibrator observes on copies so that a failing batch changes nothing).
+    histogram_ = histogram_ + counts_of(v, min_, max_);
   }
   bool observed() const { return histogram_.defined(); }
   QuantParams params() const {
