@@ -8,19 +8,28 @@
 //   6. BNFolder      fold the BatchNorms                 (outputs unchanged)
 //   7. FCDecomposer  factorize the classifier (0.5), then a short fine-tune
 //
-// and a summary table, one row per stage: parameters, size, MACs, latency (batch 1, median),
-// test accuracy.
+// and a summary table, one row per stage: parameters, size, MACs, latency (batch 1) of the eager
+// model and of its optimized TorchScript export, test accuracy. The final model is exported to
+// a TorchScript file that Python's torch.jit.load runs.
+//
+// The default run fits a time budget (--budget-minutes, 10): one training step is timed first,
+// and the training subset is sized so that every stage's epochs fit on this machine.
 //
 //   walkthrough [--quick] [--epochs 3] [--sparsity 40] [--schedule cos] [--granularity filter]
 //               [--data /usr/share/datasets/fashion-mnist] ...   (--help lists them all)
 #include <fasterai/fasterai.hpp>
+#include <fasterai/deploy/optimize.hpp>
+#include <fasterai/deploy/torchscript.hpp>
+#include <fasterai/dist/launched_job.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>
 #include <fasterai/transform/pruner.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 
 #include "common/cli.hpp"
 
@@ -44,24 +53,60 @@ struct Args {
   double percent_removed = 0.5;
   double temperature = 3, alpha = 0.5;
   std::int64_t batch_size = 128;
-  std::int64_t train = 60000, test = 10000;
+  std::int64_t train = 0;   // 0: sized from the time budget
+  std::int64_t test = 10000;
+  double budget_minutes = 10;
+  std::string export_path = "walkthrough_final.pt";
+  int latency_rounds = 5;   // interleaved rounds over the stages; medians and spread over them
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::uint64_t seed = 42;
   int threads = 1;          // for the latency measurements
 };
 
+// One stage of the summary. Latencies are measured at the end, interleaved over the stages.
 struct Row {
   std::string stage;
   std::int64_t parameters, bytes, macs;
-  double latency_ms, accuracy;
+  double accuracy;
+  torch::nn::Sequential model;               // an eval-mode copy, for the latency rounds
+  std::optional<InferenceModel> optimized;   // none when the stage cannot be exported
+  std::vector<double> eager_ms, optimized_ms;  // one median per round
 };
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto n = v.size();
+  return n == 0 ? 0.0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Seconds per training image of `model` (Adam, batch `batch`), from a few timed steps on random
+// data: what the time budget is sized with.
+double seconds_per_image(torch::nn::Sequential model, std::int64_t batch) {
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-3));
+  model->train();
+  const auto x = torch::randn({batch, 1, 28, 28});
+  const auto y = torch::randint(0, 10, {batch});
+  auto step = [&] {
+    optimizer.zero_grad();
+    torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+    optimizer.step();
+  };
+  step();  // warm-up: allocations, oneDNN primitives
+  std::vector<double> times;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    step();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return median(times) / double(batch);
+}
 
 class Walkthrough {
  public:
   explicit Walkthrough(const Args& a) : a_(a) {
     auto options = data::FashionMNISTOptions().root(a.data).subset_seed(a.seed);
     auto train_options = options, test_options = options;
-    if (a.train < 60000) train_options.subset(a.train);
+    if (a.train > 0 && a.train < 60000) train_options.subset(a.train);
     if (a.test < 10000) test_options.subset(a.test);
     train_ = data::make_batches(data::FashionMNIST(data::Split::Train, train_options),
                                 data::LoaderOptions(static_cast<std::size_t>(a.batch_size)).shuffle(true));
@@ -73,36 +118,77 @@ class Walkthrough {
     return Learner(model, train_, test_, LearnerOptions().seed(a_.seed));
   }
 
-  // Measure a stage and add its row to the summary.
+  // Add a stage's row to the summary: counts and accuracy now, latency in the final rounds.
   void record(const std::string& stage, torch::nn::Sequential model, Learner& learn) {
     const double accuracy = learn.validate().metric("accuracy");
-    const auto latency = measure_latency(model, torch::randn({1, 1, 28, 28}),
-                                         LatencyOptions().warmup(50).runs(500).threads(a_.threads));
-    rows_.push_back({stage, count_parameters(model), model_size_bytes(model),
-                     count_macs(model, {1, 28, 28}).total(), latency.median_ms, accuracy});
+    Row row{stage, count_parameters(model), model_size_bytes(model),
+            count_macs(model, {1, 28, 28}).total(), accuracy, clone_model(model), std::nullopt, {}, {}};
+    row.model->eval();
+    try {
+      row.optimized = optimize_for_inference(row.model, example());
+    } catch (const std::exception& e) {
+      std::cout << "(" << stage << ": no optimized export: " << e.what() << ")\n";
+    }
+    rows_.push_back(std::move(row));
     std::cout << "-> " << stage << ": " << with_thousands(rows_.back().parameters)
               << " parameters, test accuracy " << std::fixed << std::setprecision(2)
               << 100 * accuracy << "%\n";
   }
 
+  static torch::Tensor example() { return torch::randn({1, 1, 28, 28}); }
+
+  // Latency of every stage, eager and optimized, in rounds: each round times every stage once,
+  // so a machine that gets busier slows all stages alike; the table gives the median over the
+  // rounds and their spread (max - min).
+  void measure_latencies() {
+    const auto x = example();
+    const auto options = LatencyOptions().warmup(a_.quick ? 5 : 20).runs(a_.quick ? 20 : 100).threads(a_.threads);
+    for (int round = 0; round < a_.latency_rounds; ++round)
+      for (auto& row : rows_) {
+        row.eager_ms.push_back(measure_latency(row.model, x, options).median_ms);
+        if (row.optimized) row.optimized_ms.push_back(measure_latency(*row.optimized, x, options).median_ms);
+      }
+  }
+
   void title(const std::string& text) const { std::cout << "\n### " << text << "\n\n"; }
 
   void summary() const {
-    std::cout << "\n### Summary (latency: batch 1, " << a_.threads << " thread(s), median of 500 runs)\n\n"
-              << "| stage | parameters | size (MB) | MACs | latency (ms) | accuracy |\n"
-              << "|---|---:|---:|---:|---:|---:|\n";
-    for (const auto& r : rows_)
+    auto spread = [](const std::vector<double>& v) {
+      return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()) - *std::min_element(v.begin(), v.end());
+    };
+    std::cout << "\n### Summary (latency: batch 1, " << a_.threads << " thread(s); median over "
+              << a_.latency_rounds << " interleaved rounds of " << (a_.quick ? 20 : 100)
+              << " runs, ± the rounds' spread; optimized = fasterai::optimize_for_inference)\n\n"
+              << "| stage | parameters | size (MB) | MACs | latency (ms) | optimized (ms) | accuracy |\n"
+              << "|---|---:|---:|---:|---:|---:|---:|\n";
+    for (const auto& r : rows_) {
       std::cout << "| " << r.stage << " | " << with_thousands(r.parameters) << " | " << std::fixed
-                << std::setprecision(3) << r.bytes / 1e6 << " | " << with_thousands(r.macs)
-                << " | " << std::setprecision(3) << r.latency_ms << " | " << std::setprecision(2)
-                << 100 * r.accuracy << "% |\n";
+                << std::setprecision(3) << r.bytes / 1e6 << " | " << with_thousands(r.macs) << " | "
+                << median(r.eager_ms) << " ± " << spread(r.eager_ms) << " | ";
+      if (r.optimized)
+        std::cout << median(r.optimized_ms) << " ± " << spread(r.optimized_ms);
+      else
+        std::cout << "–";
+      std::cout << " | " << std::setprecision(2) << 100 * r.accuracy << "% |\n";
+    }
     const Row& base = rows_.front();
     const Row& last = rows_.back();
     std::cout << std::setprecision(2) << "\nFinal vs baseline: " << double(base.parameters) / double(last.parameters)
               << "x fewer parameters, " << double(base.macs) / double(last.macs) << "x fewer MACs, "
-              << base.latency_ms / last.latency_ms << "x lower latency, accuracy "
-              << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
+              << median(base.eager_ms) / median(last.eager_ms) << "x lower latency (eager), ";
+    if (last.optimized)
+      std::cout << median(base.eager_ms) / median(last.optimized_ms) << "x (final optimized vs baseline eager), ";
+    std::cout << "accuracy " << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
               << " points.\n";
+  }
+
+  // The last stage as a TorchScript file (Python: torch.jit.load(path)(x)).
+  void export_final() const {
+    if (a_.export_path.empty()) return;
+    auto model = rows_.back().model;
+    to_torchscript(model, example()).save(a_.export_path);
+    std::cout << "\nExported the final model to " << a_.export_path
+              << " (Python: torch.jit.load(\"" << a_.export_path << "\")(x) for x of shape [N, 1, 28, 28])\n";
   }
 
  private:
@@ -110,6 +196,37 @@ class Walkthrough {
   data::Batches train_, test_;
   std::vector<Row> rows_;
 };
+
+// The training subset that lets the whole run fit the time budget on this machine. One step
+// of the baseline and of the teacher is timed; the stages then cost, per training image:
+// baseline and student epochs (the student also runs the teacher forward, about a third of a
+// teacher step), teacher epochs, the sparsifying fine-tune, and the last fine-tune of the
+// smaller model (counted at the baseline's cost, an upper bound). Evaluation (test set after
+// every epoch and stage) and the latency rounds are budgeted from the same timings; a quarter
+// of the budget is kept for everything not modelled (data loading, exports, a busy machine).
+std::int64_t plan_training(const Args& a) {
+  torch::manual_seed(a.seed);
+  const double base = seconds_per_image(models::compact_vgg(), a.batch_size);
+  const double teacher = seconds_per_image(
+      models::compact_vgg(models::CompactVGGOptions().widths({32, 64, 128}).hidden(512)), a.batch_size);
+  const double per_image = a.epochs * base + a.teacher_epochs * teacher +
+                           a.epochs * (base + teacher / 3) + a.sparsify_epochs * base +
+                           a.finetune_epochs * base;
+  // Validation: a forward is about a third of a training step.
+  const int evaluations = a.epochs * 2 + a.teacher_epochs + a.sparsify_epochs + a.finetune_epochs + 8;
+  const double evaluation = evaluations * double(a.test) * (base / 3 + teacher / 3 / 4);
+  const double latency = 30;  // seconds: 8 stages, eager and optimized, a few rounds
+  const double available = 0.75 * a.budget_minutes * 60 - evaluation - latency;
+  const auto images = std::clamp<std::int64_t>(static_cast<std::int64_t>(available / per_image),
+                                               a.batch_size, 60000);
+  std::cout << std::fixed << std::setprecision(2) << "Time budget: " << a.budget_minutes
+            << " min. One training step (batch " << a.batch_size << ") takes " << 1e3 * base * a.batch_size
+            << " ms for the compact VGG and " << 1e3 * teacher * a.batch_size
+            << " ms for the teacher on this machine, so the stages train on " << with_thousands(images)
+            << " of 60,000 images" << (images == 60000 ? " (all of them)" : "")
+            << " (--train or --budget-minutes change it).\n";
+  return images;
+}
 
 }  // namespace
 
@@ -133,17 +250,23 @@ int main(int argc, char** argv) {
       .option("--temperature", a.temperature, "knowledge distillation temperature T")
       .option("--alpha", a.alpha, "knowledge distillation weight of the teacher's term")
       .option("--batch-size", a.batch_size, "training batch size")
-      .option("--train", a.train, "training images (a seeded random subset below 60000)")
+      .option("--train", a.train, "training images (a seeded random subset below 60000; 0: as many as the time budget allows)")
+      .option("--budget-minutes", a.budget_minutes, "time budget of the default run; sizes the training subset when --train is 0")
+      .option("--export", a.export_path, "TorchScript file of the final model (empty: none)")
+      .option("--latency-rounds", a.latency_rounds, "interleaved latency rounds over the stages")
       .option("--test", a.test, "test images (a seeded random subset below 10000)")
       .option("--data", a.data, "folder of the Fashion-MNIST files")
       .option("--threads", a.threads, "threads for the latency measurements")
       .option("--seed", a.seed, "seed of initialization, shuffling and subsets");
   return cli.run(argc, argv, [&] {
+    // Under scripts/launch.sh: data-parallel Learners, and output from rank 0 only.
+    const auto job = dist::join_launched_job();
     const auto start = std::chrono::steady_clock::now();
     if (a.quick) {
-      a.train = 3000, a.test = 1000;
+      a.train = 3000, a.test = 1000, a.latency_rounds = std::min(a.latency_rounds, 2);
       a.epochs = a.teacher_epochs = a.sparsify_epochs = a.finetune_epochs = 1;
     }
+    if (a.train <= 0) a.train = plan_training(a);
     Walkthrough w(a);
     torch::manual_seed(a.seed);
 
@@ -193,7 +316,10 @@ int main(int argc, char** argv) {
     final_learn.fit_one_cycle(a.finetune_epochs, a.finetune_lr);
     w.record("factorized + fine-tuned", factorized, final_learn);
 
+    std::cout << "\n### Latency: " << a.latency_rounds << " interleaved rounds over the stages\n";
+    w.measure_latencies();
     w.summary();
+    w.export_final();
     std::cout << "\nTotal time: " << std::fixed << std::setprecision(0)
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()
               << " s\n";
