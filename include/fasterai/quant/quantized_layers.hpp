@@ -17,6 +17,12 @@
 // the int8 weight, its per-channel scales, the fp32 bias, the activation maps and the engine —
 // as buffers, so `torch::save`/`torch::load` and model_size_bytes see the int8 sizes; `load`
 // packs the weight again under the recorded engine.
+//
+// TorchScript export (deploy/torchscript.hpp traces the forward): a packed weight made before
+// the trace is an object the exported module does not hold, so while a tracer records, the
+// forward packs the weight from those buffers itself. The exported graph then reads the int8
+// weight and scales as attributes and packs them when it runs, under the engine set where it
+// runs (`torch.jit.freeze` keeps the packing in the graph; it costs a repack per call).
 
 #include <cstdint>
 #include <memory>
@@ -26,6 +32,7 @@
 #include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/native/quantized/PackedParams.h>
 #include <torch/torch.h>
 
@@ -145,6 +152,19 @@ class QuantizedLayer : public torch::nn::Module {
     packed_ = static_cast<Derived&>(*this).pack_weight(weight(), bias_);
   }
 
+  // The packed weight to run: the one made at construction or load, or, while a tracer records
+  // (TorchScript export), one packed inside the forward from the stored buffers.
+  c10::IValue packed_for_forward() const {
+    if (!c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Tracer)) return c10::IValue(packed_);
+    const EngineGuard guard(engine_from_name("fasterai::quant::QuantizedLayer::forward", "engine",
+                                             options_.engine()));
+    const std::int64_t out = weight_values_.size(0);
+    const torch::Tensor scales = weight_scales_.expand({out}).contiguous();
+    const torch::Tensor weight = at::_make_per_channel_quantized_tensor(
+        weight_values_, scales, torch::zeros_like(scales, torch::kLong), 0);
+    return static_cast<const Derived&>(*this).pack_op(weight, bias_);
+  }
+
   torch::Tensor enter(torch::Tensor x) const {
     if (!options_.input()) return x;
     return torch::quantize_per_tensor(x.to(torch::kFloat32).contiguous(), options_.input()->scale,
@@ -176,13 +196,13 @@ class QuantizedLinearImpl : public QuantizedLayer<QuantizedLinearImpl, LinearPac
       // error bound.
       static const auto op = detail::quantized_op("quantized::linear_dynamic", "");
       const bool reduce_range = options_.engine() != "qnnpack";
-      return detail::call_op(op, {std::move(x), c10::IValue(packed_), reduce_range}).toTensor();
+      return detail::call_op(op, {std::move(x), packed_for_forward(), reduce_range}).toTensor();
     }
     static const auto plain = detail::quantized_op("quantized::linear", "");
     static const auto relu = detail::quantized_op("quantized::linear_relu", "");
     const QuantParams out = *options_.output();
     return leave(detail::call_op(options_.relu() ? relu : plain,
-                                 {enter(std::move(x)), c10::IValue(packed_), out.scale,
+                                 {enter(std::move(x)), packed_for_forward(), out.scale,
                                   out.zero_point})
                      .toTensor());
   }
@@ -203,11 +223,13 @@ class QuantizedLinearImpl : public QuantizedLayer<QuantizedLinearImpl, LinearPac
 
   void restore_geometry() {}
 
+  c10::IValue pack_op(const torch::Tensor& w, const torch::Tensor& b) const {
+    static const auto op = detail::quantized_op("quantized::linear_prepack", "");
+    return detail::call_op(op, {w, b.defined() ? c10::IValue(b) : c10::IValue()});
+  }
   c10::intrusive_ptr<LinearPackedParamsBase> pack_weight(const torch::Tensor& w,
                                                          const torch::Tensor& b) const {
-    static const auto op = detail::quantized_op("quantized::linear_prepack", "");
-    return detail::call_op(op, {w, b.defined() ? c10::IValue(b) : c10::IValue()})
-        .toCustomClass<LinearPackedParamsBase>();
+    return pack_op(w, b).toCustomClass<LinearPackedParamsBase>();
   }
 
  private:
@@ -243,7 +265,7 @@ class QuantizedConv2dImpl : public QuantizedLayer<QuantizedConv2dImpl, ConvPacke
     static const auto relu = detail::quantized_op("quantized::conv2d_relu", "new");
     const QuantParams out = *options_.output();
     return leave(detail::call_op(options_.relu() ? relu : plain,
-                                 {enter(std::move(x)), c10::IValue(packed_), out.scale,
+                                 {enter(std::move(x)), packed_for_forward(), out.scale,
                                   out.zero_point})
                      .toTensor());
   }
@@ -270,14 +292,16 @@ class QuantizedConv2dImpl : public QuantizedLayer<QuantizedConv2dImpl, ConvPacke
 
   const ConvGeometry& geometry() const { return geometry_; }
 
-  c10::intrusive_ptr<ConvPackedParamsBase<2>> pack_weight(const torch::Tensor& w,
-                                                          const torch::Tensor& b) const {
+  c10::IValue pack_op(const torch::Tensor& w, const torch::Tensor& b) const {
     static const auto op = detail::quantized_op("quantized::conv2d_prepack", "");
     return detail::call_op(op, {w, b.defined() ? c10::IValue(b) : c10::IValue(),
                                 c10::List<std::int64_t>(geometry_.stride),
                                 c10::List<std::int64_t>(geometry_.padding),
-                                c10::List<std::int64_t>(geometry_.dilation), geometry_.groups})
-        .toCustomClass<ConvPackedParamsBase<2>>();
+                                c10::List<std::int64_t>(geometry_.dilation), geometry_.groups});
+  }
+  c10::intrusive_ptr<ConvPackedParamsBase<2>> pack_weight(const torch::Tensor& w,
+                                                          const torch::Tensor& b) const {
+    return pack_op(w, b).toCustomClass<ConvPackedParamsBase<2>>();
   }
 
  private:
