@@ -6,7 +6,7 @@
 //   bytes of its storage records, within bounds;
 // and no input crashes, takes more than 2 s, or grows the process's peak memory by 256 MB.
 //
-// By default this runs a few thousand inputs (seconds). To run longer, e.g. a million:
+// By default this runs 18,000 inputs (a few seconds). To run longer, e.g. 1.2 million:
 //   FASTERAI_MUTATIONS=100000 FASTERAI_MUTATION_SEED=2 build/tests/test_io "[mutation]"
 // (FASTERAI_MUTATIONS inputs per seed file and strategy; under scripts/sanitize.sh too).
 
@@ -179,7 +179,7 @@ enum class Outcome { refused, read_same, read_other };
 }  // namespace
 
 TEST_CASE("mutated state_dict files are refused or read as they say", "[mutation]") {
-  const std::int64_t per_strategy = setting("FASTERAI_MUTATIONS", 400);
+  const std::int64_t per_strategy = setting("FASTERAI_MUTATIONS", 1500);
   std::mt19937_64 rng(static_cast<std::uint64_t>(setting("FASTERAI_MUTATION_SEED", 1)));
   const auto seeds = seed_files();
   const long peak_before = peak_rss_kib();
@@ -245,7 +245,11 @@ TEST_CASE("mutated state_dict files are refused or read as they say", "[mutation
   CHECK(refused > 0);
   CHECK(read > 0);
   CHECK(slowest < 2.0);
+#if !defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer keeps freed memory in quarantine (256 MB by default): there the bound
+  // says nothing about the reader, so it is checked in the plain build only.
   CHECK(grown_mib < 256);
+#endif
   WARN(inputs << " mutated inputs: " << refused << " refused, " << read << " read, slowest "
               << slowest << " s");
 }

@@ -2,8 +2,10 @@
 // Limits on what reading one state_dict file may cost. A weight file is input from elsewhere:
 // these bound the memory and time a hostile or damaged file can take before it is refused.
 // The defaults are far above what any torch.save(model.state_dict()) needs (a state_dict
-// nests 4 levels deep and holds about 25 pickle values per tensor); a refusal names the limit
-// and the setter that raises it, e.g. `fasterai::ReadLimits().max_tensor_bytes(std::int64_t{1} << 36)`.
+// nests 4 levels deep and holds about 25 pickle values per tensor), and keep what a hostile
+// file can cost beyond the tensors it yields near max_pickle_bytes + 16 * max_entries bytes
+// (about 200 MB) and linear time. A refusal names the limit and the setter that raises it,
+// e.g. `fasterai::ReadLimits().max_tensor_bytes(std::int64_t{1} << 36)`.
 
 #include <cstdint>
 #include <string>
@@ -16,11 +18,12 @@ namespace fasterai {
 struct ReadLimits {
   // Containers (tuples, lists, dicts) inside containers in data.pkl.
   TORCH_ARG(std::int64_t, max_depth) = 100;
-  // Values held at once by the unpickler, each count on its own: on its stack, in its memo, and
-  // inside all of its containers together (a 100,000-tensor state_dict needs about 2.5 million).
-  TORCH_ARG(std::int64_t, max_entries) = std::int64_t{1} << 24;
-  // Bytes of data.pkl once decompressed.
-  TORCH_ARG(std::int64_t, max_pickle_bytes) = std::int64_t{1} << 28;
+  // Values the unpickler holds at once, on its stack, in its memo and inside its containers,
+  // each about 16 bytes (a container, a tensor and a dict key's index count as several, by
+  // their size). A state_dict of 100,000 tensors reads within the default.
+  TORCH_ARG(std::int64_t, max_entries) = std::int64_t{1} << 23;
+  // Bytes of data.pkl once decompressed (a few MB for a state_dict of 100,000 tensors).
+  TORCH_ARG(std::int64_t, max_pickle_bytes) = std::int64_t{1} << 26;
   // Bytes of all storage records together: the tensors the file yields.
   TORCH_ARG(std::int64_t, max_tensor_bytes) = std::int64_t{1} << 33;  // 8 GiB
   // Elements of one tensor beyond the elements of its storage: a view with stride 0 repeats one

@@ -20,8 +20,8 @@
 // is handed to a loader, which the state_dict assembly connects to the zip archive (and a fuzz
 // target to anything it likes).
 
-#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <limits>
@@ -197,7 +197,7 @@ class Unpickler {
           push(std::int64_t{static_cast<std::int32_t>(read_le<std::uint32_t>())});
           break;
         case Op::LONG1: push(read_long(read_byte())); break;
-        case Op::BINFLOAT: push(std::bit_cast<double>(read_be_u64())); break;
+        case Op::BINFLOAT: push(read_double()); break;
         case Op::SHORT_BINUNICODE: push(read_string(read_byte())); break;
         case Op::BINUNICODE: push(read_string(read_le<std::uint32_t>())); break;
         case Op::BINUNICODE8: push(read_string(read_le<std::uint64_t>())); break;
@@ -317,6 +317,12 @@ class Unpickler {
     const Str s{static_cast<std::uint32_t>(pos_), static_cast<std::uint32_t>(n)};
     pos_ += static_cast<std::size_t>(n);
     return s;
+  }
+  double read_double() {  // BINFLOAT: a big-endian IEEE 754 double
+    const std::uint64_t bits = read_be_u64();
+    double value = 0;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
   }
   std::string_view read_line(std::string_view bytes) {
     const auto end = bytes.find('\n', pos_);
@@ -621,8 +627,11 @@ class Unpickler {
 
 inline Unpickled unpickle(std::string bytes, const StorageLoader& load_storage,
                           const ReadLimits& limits) {
-  // Storage records hold raw bytes in the writer's order, little-endian by default.
-  if constexpr (std::endian::native != std::endian::little)
+  // Storage records hold raw bytes in the writer's order, little-endian by default. (No
+  // std::endian: this header and zip_reader.hpp also build as C++17, for clang's libFuzzer,
+  // which cannot compile LibTorch 1.13's headers as C++20 against libstdc++ 12.)
+  const std::uint16_t probe = 1;
+  if (*reinterpret_cast<const unsigned char*>(&probe) != 1)
     throw std::runtime_error("reading state_dicts needs a little-endian machine");
   return Unpickler(std::move(bytes), load_storage, limits).run();
 }
