@@ -45,3 +45,111 @@ TEST_CASE("select_lowest handles ties spread over many chunks", "[selection]") {
   CHECK(m.index_select(0, zeros.narrow(0, 0, k)).all().item<bool>());
   CHECK_FALSE(m.index_select(0, zeros.narrow(0, k, zeros.numel() - k)).any().item<bool>());
 }
+
+namespace {
+
+using fasterai::detail::select_lowest_magnitude;
+
+// The general path on |w|: select_lowest over the scores, then (Global) every tensor that would
+// be selected entirely keeps its largest score.
+fasterai::detail::Selection reference(const std::vector<torch::Tensor>& weights, std::int64_t k, bool keep_one) {
+  std::vector<torch::Tensor> scores;
+  for (const auto& w : weights) scores.push_back(w.abs().reshape({-1}));
+  auto sel = select_lowest(scores, k);
+  if (keep_one)
+    for (size_t i = 0; i < scores.size(); ++i)
+      if (sel.counts[i] == scores[i].numel()) {
+        sel.masks[i][scores[i].argmax().item<std::int64_t>()] = false;
+        --sel.counts[i];
+      }
+  return sel;
+}
+
+// Weights on a coarse grid: many exact ties, both zeros, negatives mirroring positives.
+std::vector<torch::Tensor> tied_weights(std::int64_t big) {
+  std::vector<torch::Tensor> w;
+  for (std::int64_t n : {std::int64_t{37}, big, std::int64_t{1000}, big / 3}) {
+    auto t = torch::round(torch::randn({n}) * 8) / 8;
+    t.index_put_({torch::rand({n}) < 0.1}, -0.0f);
+    w.push_back(t);
+  }
+  w[2] = w[2] * 1e-3;  // a small layer whose values all lie below most others
+  return w;
+}
+
+// Runs the fused selection on copies and checks it against the general path, and that the
+// multipliers and the zeroed weights follow the mask.
+void check_same_as_general(const std::vector<torch::Tensor>& weights, std::vector<std::int64_t> ks, bool keep_one) {
+  std::vector<torch::Tensor> w, keep;
+  for (const auto& x : weights) w.push_back(x.clone()), keep.push_back(torch::full_like(x, 7.0f));
+  const auto fused = select_lowest_magnitude(w, ks, keep, /*zero_weights=*/true, keep_one);
+  REQUIRE(fused.non_finite == -1);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto expected = ks.size() == 1 ? reference(weights, ks[0], keep_one)
+                                         : reference({weights[i]}, ks[i], false);
+    const size_t e = ks.size() == 1 ? i : 0;
+    CHECK(fused.masks[i].equal(expected.masks[e].view(weights[i].sizes())));
+    CHECK(fused.counts[i] == expected.counts[e]);
+    CHECK(keep[i].equal(torch::logical_not(fused.masks[i]).to(torch::kFloat32)));
+    CHECK(w[i].equal(weights[i] * keep[i]));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("select_lowest_magnitude selects what the general path selects, ties included", "[selection]") {
+  torch::manual_seed(11);
+  const int threads = at::get_num_threads();
+  for (int t : {1, 2}) {
+    at::set_num_threads(t);
+    const auto w = tied_weights(700'000);  // several chunks of 2^18 per tensor
+    std::int64_t total = 0;
+    for (const auto& x : w) total += x.numel();
+    const auto zeros = [&] {
+      std::int64_t z = 0;
+      for (const auto& x : w) z += x.eq(0).sum().item<std::int64_t>();
+      return z;
+    }();
+    INFO("threads " << t);
+    // Around the zeros (the first tie run), inside later tie runs, all and nothing.
+    for (std::int64_t k : {std::int64_t{0}, std::int64_t{1}, zeros - 1, zeros, zeros + 1, total / 3,
+                           total / 2 + 12345, total - 5, total}) {
+      INFO("k " << k);
+      check_same_as_general(w, {k}, /*keep_one=*/true);
+      check_same_as_general(w, {k}, /*keep_one=*/false);
+    }
+    check_same_as_general(w, {0, 1000, 999, w[3].numel() / 2}, false);
+    check_same_as_general(w, {37, w[1].numel() - 1, 1000, 0}, false);
+  }
+  at::set_num_threads(threads);
+}
+
+TEST_CASE("select_lowest_magnitude: a tensor selected entirely keeps its largest magnitude", "[selection]") {
+  // The small tensor's values all lie below the threshold: its first largest magnitude stays.
+  std::vector<torch::Tensor> w{torch::tensor({0.1f, -0.3f, 0.3f, 0.2f}), torch::tensor({5.f, 1.f, 6.f, 7.f})};
+  std::vector<torch::Tensor> keep{torch::empty({4}), torch::empty({4})};
+  const auto sel = select_lowest_magnitude(w, {5}, keep, true, /*keep_one=*/true);
+  CHECK(sel.masks[0].equal(torch::tensor({true, false, true, true})));
+  CHECK(sel.masks[1].equal(torch::tensor({false, true, false, false})));
+  CHECK(sel.counts == std::vector<std::int64_t>{3, 1});
+  CHECK(w[0].equal(torch::tensor({0.f, -0.3f, 0.f, 0.f})));
+  CHECK(keep[0].equal(torch::tensor({0.f, 1.f, 0.f, 0.f})));
+}
+
+TEST_CASE("select_lowest_magnitude reports NaN and Inf before writing anything", "[selection]") {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::infinity()}) {
+    auto a = torch::randn({300'000});
+    auto b = torch::randn({50});
+    b[17] = bad;
+    std::vector<torch::Tensor> w{a.clone(), b.clone(), torch::randn({3})};
+    std::vector<torch::Tensor> keep{torch::full({300'000}, 7.f), torch::full({50}, 7.f), torch::full({3}, 7.f)};
+    for (auto ks : {std::vector<std::int64_t>{1000}, std::vector<std::int64_t>{10, 10, 1}}) {
+      const auto sel = select_lowest_magnitude(w, ks, keep, true, true);
+      CHECK(sel.non_finite == 1);
+      CHECK(w[0].equal(a));
+      CHECK(w[1].slice(0, 0, 17).equal(b.slice(0, 0, 17)));
+      for (const auto& k : keep) CHECK(k.eq(7.f).all().item<bool>());
+    }
+  }
+}
