@@ -54,7 +54,7 @@ struct Args {
   double temperature = 3, alpha = 0.5;
   std::int64_t batch_size = 128;
   std::int64_t train = 0;   // 0: sized from the time budget
-  std::int64_t test = 10000;
+  std::int64_t test = 0;    // 0: sized from the time budget
   double budget_minutes = 10;
   std::string export_path = "walkthrough_final.pt";
   int latency_rounds = 5;   // interleaved rounds over the stages; medians and spread over them
@@ -107,7 +107,7 @@ class Walkthrough {
     auto options = data::FashionMNISTOptions().root(a.data).subset_seed(a.seed);
     auto train_options = options, test_options = options;
     if (a.train > 0 && a.train < 60000) train_options.subset(a.train);
-    if (a.test < 10000) test_options.subset(a.test);
+    if (a.test > 0 && a.test < 10000) test_options.subset(a.test);
     train_ = data::make_batches(data::FashionMNIST(data::Split::Train, train_options),
                                 data::LoaderOptions(static_cast<std::size_t>(a.batch_size)).shuffle(true));
     test_ = data::make_batches(data::FashionMNIST(data::Split::Test, test_options),
@@ -197,35 +197,40 @@ class Walkthrough {
   std::vector<Row> rows_;
 };
 
-// The training subset that lets the whole run fit the time budget on this machine. One step
-// of the baseline and of the teacher is timed; the stages then cost, per training image:
-// baseline and student epochs (the student also runs the teacher forward, about a third of a
-// teacher step), teacher epochs, the sparsifying fine-tune, and the last fine-tune of the
-// smaller model (counted at the baseline's cost, an upper bound). Evaluation (test set after
-// every epoch and stage) and the latency rounds are budgeted from the same timings; a quarter
-// of the budget is kept for everything not modelled (data loading, exports, a busy machine).
-std::int64_t plan_training(const Args& a) {
+// Training and test subsets that let the whole run fit the time budget on this machine. One
+// step of the baseline and of the teacher is timed; per training image the stages then cost
+// the baseline's and the student's epochs (the student also runs the teacher's forward, about
+// a third of a teacher step), the teacher's epochs, the sparsifying fine-tune and the last
+// fine-tune (at the baseline's cost, an upper bound for the smaller model). Per test image,
+// every evaluation costs a forward, about a third of a step: after each epoch and at each of
+// the 8 stages. The test set takes at most a quarter of the time, the training subset the rest;
+// a quarter of the budget is kept for what is not modelled (data loading, exports, the latency
+// rounds, a machine that gets busier).
+void plan_budget(Args& a) {
+  if (!(a.budget_minutes > 0)) throw example::usage_error("--budget-minutes must be > 0");
   torch::manual_seed(a.seed);
   const double base = seconds_per_image(models::compact_vgg(), a.batch_size);
   const double teacher = seconds_per_image(
       models::compact_vgg(models::CompactVGGOptions().widths({32, 64, 128}).hidden(512)), a.batch_size);
-  const double per_image = a.epochs * base + a.teacher_epochs * teacher +
-                           a.epochs * (base + teacher / 3) + a.sparsify_epochs * base +
-                           a.finetune_epochs * base;
-  // Validation: a forward is about a third of a training step.
-  const int evaluations = a.epochs * 2 + a.teacher_epochs + a.sparsify_epochs + a.finetune_epochs + 8;
-  const double evaluation = evaluations * double(a.test) * (base / 3 + teacher / 3 / 4);
-  const double latency = 30;  // seconds: 8 stages, eager and optimized, a few rounds
-  const double available = 0.75 * a.budget_minutes * 60 - evaluation - latency;
-  const auto images = std::clamp<std::int64_t>(static_cast<std::int64_t>(available / per_image),
-                                               a.batch_size, 60000);
+  const double per_train_image = a.epochs * base + a.teacher_epochs * teacher +
+                                 a.epochs * (base + teacher / 3) + a.sparsify_epochs * base +
+                                 a.finetune_epochs * base;
+  const int student_evaluations = 2 * a.epochs + a.sparsify_epochs + a.finetune_epochs + 7;
+  const double per_test_image = student_evaluations * base / 3 + (a.teacher_epochs + 1) * teacher / 3;
+  const double available = 0.75 * a.budget_minutes * 60;
+  if (a.test <= 0)
+    a.test = std::clamp<std::int64_t>(static_cast<std::int64_t>(0.25 * available / per_test_image),
+                                      1000, 10000);
+  if (a.train <= 0)
+    a.train = std::clamp<std::int64_t>(
+        static_cast<std::int64_t>((available - double(a.test) * per_test_image) / per_train_image),
+        a.batch_size, 60000);
   std::cout << std::fixed << std::setprecision(2) << "Time budget: " << a.budget_minutes
             << " min. One training step (batch " << a.batch_size << ") takes " << 1e3 * base * a.batch_size
             << " ms for the compact VGG and " << 1e3 * teacher * a.batch_size
-            << " ms for the teacher on this machine, so the stages train on " << with_thousands(images)
-            << " of 60,000 images" << (images == 60000 ? " (all of them)" : "")
-            << " (--train or --budget-minutes change it).\n";
-  return images;
+            << " ms for the teacher on this machine, so the stages train on " << with_thousands(a.train)
+            << " of 60,000 images and test on " << with_thousands(a.test)
+            << " of 10,000 (--train, --test or --budget-minutes change it).\n";
 }
 
 }  // namespace
@@ -254,7 +259,7 @@ int main(int argc, char** argv) {
       .option("--budget-minutes", a.budget_minutes, "time budget of the default run; sizes the training subset when --train is 0")
       .option("--export", a.export_path, "TorchScript file of the final model (empty: none)")
       .option("--latency-rounds", a.latency_rounds, "interleaved latency rounds over the stages")
-      .option("--test", a.test, "test images (a seeded random subset below 10000)")
+      .option("--test", a.test, "test images (a seeded random subset below 10000; 0: as many as the time budget allows)")
       .option("--data", a.data, "folder of the Fashion-MNIST files")
       .option("--threads", a.threads, "threads for the latency measurements")
       .option("--seed", a.seed, "seed of initialization, shuffling and subsets");
@@ -266,7 +271,7 @@ int main(int argc, char** argv) {
       a.train = 3000, a.test = 1000, a.latency_rounds = std::min(a.latency_rounds, 2);
       a.epochs = a.teacher_epochs = a.sparsify_epochs = a.finetune_epochs = 1;
     }
-    if (a.train <= 0) a.train = plan_training(a);
+    if (a.train <= 0 || a.test <= 0) plan_budget(a);
     Walkthrough w(a);
     torch::manual_seed(a.seed);
 
