@@ -663,6 +663,11 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
       if (dealing()) torch::manual_seed(static_cast<std::uint64_t>(deal_seed) + static_cast<std::uint64_t>(epoch));
       std::int64_t index = 0;
       train_.for_each([&](const torch::data::Example<>& batch) {
+        // The loader drew its order when the pass began; from here each rank draws its own
+        // random numbers (dropout), as replicas with different seeds would.
+        if (index == 0 && dealing())
+          torch::manual_seed(static_cast<std::uint64_t>(deal_seed) + static_cast<std::uint64_t>(epoch) +
+                             1000003ull * static_cast<std::uint64_t>(options_.parallel()->rank() + 1));
         if (!takes(index++, s.n_iter)) return;
         train_batch(batch, callbacks, schedule);
         smooth.add(s.loss.item<double>());
