@@ -11,6 +11,10 @@
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
+#include <fasterai/deploy/cost_model.hpp>
+#include <fasterai/deploy/load.hpp>
+#include <fasterai/deploy/optimize.hpp>
+#include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/graph/autograd_ops.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/graph/removal.hpp>
