@@ -23,6 +23,6 @@ lscpu | grep "Model name" || true
 date -u
 "$build/benchmarks/fasterai_benchmarks" --benchmark_filter="Deploy_(PeakRates|Latency/${filter})" \
   --benchmark_enable_random_interleaving=true --benchmark_repetitions="$repetitions" \
-  --benchmark_out=deploy_benchmarks.json --benchmark_out_format=json
+  --benchmark_out="$build/deploy_benchmarks.json" --benchmark_out_format=json
 /usr/bin/python3 scripts/python_baseline.py --filter "$filter" --repetitions "$repetitions" \
-  --cpp deploy_benchmarks.json
+  --cpp "$build/deploy_benchmarks.json"
