@@ -101,9 +101,9 @@ int main(int argc, char** argv) try {
       .flag("--quick", quick, "1 + 1 epochs on 2000 images (a smoke test)");
   cli.parse(argc, argv);
   if (quick) epochs = 1, finetune = 1, subset = 2000, rounds = 2;
-  if (epochs < 1 || finetune < 1 || rounds < 1 || subset < 0)
-    throw example::usage_error("--epochs, --finetune and --rounds must be >= 1, --subset >= 0");
-  detail::check_sparsity("train_residual", sparsity);
+  if (epochs < 1 || finetune < 1 || rounds < 1 || subset < 0 || sparsity < 0 || sparsity >= 100)
+    throw example::usage_error(
+        "--epochs, --finetune and --rounds must be >= 1, --subset >= 0, --sparsity in [0, 100)");
 
   auto options = data::FashionMNISTOptions().root(data_dir);
   auto train_options = options, test_options = options;

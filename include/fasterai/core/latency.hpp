@@ -2,6 +2,13 @@
 // Latency harness: warm-up, N timed forward passes without autograd on a fixed number of
 // threads, reported as median and spread. Examples and benchmarks share it so their numbers
 // are measured the same way.
+//
+// "Threads" covers the BLAS too: Debian's LibTorch runs convolutions and Linears through
+// OpenBLAS, whose own thread pool ignores torch::set_num_threads and busy-waits; on a machine
+// where other processes run, ResNet-18 at 64×64 took 830 ms with OpenBLAS's default threads
+// against 143 ms with one. So OpenBLAS's count is set too while timing, when it is loaded.
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -31,6 +38,22 @@ struct LatencyStats {
 };
 
 namespace detail {
+
+// OpenBLAS's thread count, looked up at run time: the BLAS behind LibTorch is a system choice.
+class BlasThreads {
+ public:
+  static int get() {
+    using Get = int (*)();
+    const auto f = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    return f ? f() : 0;
+  }
+  static void set(int threads) {
+    using Set = void (*)(int);
+    if (const auto f = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")); f && threads > 0)
+      f(threads);
+  }
+};
+
 inline double quantile_sorted(const std::vector<double>& v, double q) {
   const double pos = q * double(v.size() - 1);
   const auto lo = static_cast<size_t>(std::floor(pos));
@@ -53,13 +76,15 @@ LatencyStats measure_latency(Model& model, const torch::Tensor& input,
   struct Restore {
     torch::nn::Module& m;
     bool training;
-    int threads;
+    int threads, blas_threads;
     ~Restore() {
       m.train(training);
       torch::set_num_threads(threads);
+      detail::BlasThreads::set(blas_threads);
     }
-  } restore{m, m.is_training(), torch::get_num_threads()};
+  } restore{m, m.is_training(), torch::get_num_threads(), detail::BlasThreads::get()};
   torch::set_num_threads(options.threads());
+  detail::BlasThreads::set(options.threads());
   m.eval();
   // Inference mode, not just no-grad: no autograd metadata or version counters per op, which
   // is what a deployed model pays.
