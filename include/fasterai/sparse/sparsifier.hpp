@@ -45,6 +45,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <torch/torch.h>
@@ -431,9 +432,56 @@ class Sparsifier final : public SparsifierInterface {
     current_ = total == 0 ? 0.0 : 100.0 * double(pruned) / double(total);
   }
 
+  // Single weights by magnitude, float32 on the CPU: the selection reads the weights' own bits
+  // (detail::select_lowest_magnitude: no score tensor, the finiteness check folded into its
+  // first pass, masks and multipliers written together in its last). False when the weights do
+  // not qualify or no count changes: the general path then runs.
+  bool recompute_magnitudes(const std::vector<double>& sparsity, bool force) {
+    std::vector<torch::Tensor> weights, keep;
+    std::int64_t total = 0;
+    for (const auto& t : targets_) {
+      const auto& w = t.layer.weight();
+      if (w.scalar_type() != torch::kFloat32 || !w.device().is_cpu() || !w.is_contiguous()) return false;
+      weights.push_back(w.detach());
+      total += w.numel();
+    }
+    std::vector<std::int64_t> counts;
+    bool changed = force;
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      counts.push_back(Method::global ? Granularity::groups_to_prune(total, sparsity.front())
+                                      : Granularity::groups_to_prune(weights[i].numel(), sparsity[i]));
+      changed |= counts[i] != targets_[i].groups_pruned;
+    }
+    if (!changed) return false;
+    for (size_t i = 0; i < targets_.size(); ++i) {  // the previous multipliers are overwritten
+      const auto& k = targets_[i].keep;
+      const bool fits = k.defined() && k.device().is_cpu() && k.scalar_type() == torch::kFloat32 &&
+                        k.is_contiguous() && k.sizes() == weights[i].sizes();
+      keep.push_back(fits ? k : torch::empty_like(weights[i]));
+    }
+    auto selection = detail::select_lowest_magnitude(
+        weights, Method::global ? std::vector<std::int64_t>{counts.front()} : counts, keep,
+        /*zero_weights=*/false, /*keep_one=*/Method::global);
+    if (selection.non_finite >= 0)
+      detail::throw_argument_error(
+          where("prune/step"),
+          detail::concat("weights of layer '", targets_[static_cast<size_t>(selection.non_finite)].layer.name, "'"),
+          "NaN or Inf", "finite values");
+    for (size_t i = 0; i < targets_.size(); ++i) {  // commit
+      auto& t = targets_[i];
+      t.pruned = std::move(selection.masks[i]);
+      t.keep = std::move(keep[i]);
+      t.channels = torch::Tensor();
+      t.groups_pruned = counts[i];
+    }
+    return true;
+  }
+
   // Recompute masks for per-layer sparsities; all checks happen before any state changes.
   void recompute(const std::vector<double>& sparsity, bool force) {
     torch::NoGradGuard no_grad;
+    if constexpr (std::is_same_v<Granularity, granularity::Weight> && std::is_same_v<Criteria, criteria::L1>)
+      if (recompute_magnitudes(sparsity, force)) return;
     std::vector<torch::Tensor> scores, groups;
     std::int64_t all_groups = 0;
     for (auto& t : targets_) {
