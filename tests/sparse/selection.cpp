@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <fasterai/sparse/selection.hpp>
+#include <fasterai/sparse/sparsifier.hpp>
 
 using fasterai::detail::kth_smallest;
 using fasterai::detail::select_lowest;
@@ -152,4 +153,46 @@ TEST_CASE("select_lowest_magnitude reports NaN and Inf before writing anything",
       for (const auto& k : keep) CHECK(k.eq(7.f).all().item<bool>());
     }
   }
+}
+
+TEST_CASE("Weight/L1 sparsifiers: float32 weights (fused selection) get the masks of float64 ones (general path)",
+          "[selection][sparsifier]") {
+  namespace g = fasterai::granularity;
+  namespace m = fasterai::method;
+  namespace c = fasterai::criteria;
+  auto make = [](torch::Dtype dtype) {
+    torch::manual_seed(5);
+    torch::nn::Sequential net(torch::nn::Conv2d(3, 8, 3), torch::nn::ReLU(), torch::nn::Conv2d(8, 8, 3),
+                              torch::nn::Flatten(), torch::nn::Linear(8 * 4 * 4, 10));
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.copy_(torch::round(p * 16) / 16);  // many ties
+    net->named_parameters()["0.weight"].mul_(1e-3);  // a layer the Global method would empty
+    net->to(dtype);
+    return net;
+  };
+  auto single = make(torch::kFloat32), twice = make(torch::kFloat64);
+  auto opts = fasterai::SparsifierOptions().include_linear(true);
+  fasterai::Sparsifier<g::Weight, m::Global, c::L1> gs(single, opts), gd(twice, opts);
+  fasterai::Sparsifier<g::Weight, m::Local, c::L1> ls(single, opts), ld(twice, opts);
+  for (double s : {10.0, 45.0, 80.0, 99.0}) {
+    INFO("sparsity " << s);
+    gs.prune(s), gd.prune(s);
+    for (const auto& name : gs.layer_names()) CHECK(gs.mask(name).equal(gd.mask(name)));
+    ls.prune(s), ld.prune(s);
+    for (const auto& name : ls.layer_names()) CHECK(ls.mask(name).equal(ld.mask(name)));
+  }
+  for (const auto& p : single->named_parameters())
+    CHECK(p.value().to(torch::kFloat64).equal(twice->named_parameters()[p.key()]));
+
+  // A NaN: the layer is named, masks and weights stay as they were.
+  const auto mask = gs.mask("2").clone();
+  {
+    torch::NoGradGuard no_grad;
+    single->named_parameters()["4.weight"][3][7] = std::nan("");
+  }
+  const auto before = single->named_parameters()["2.weight"].clone();
+  CHECK_THROWS_WITH(gs.prune(50), Catch::Contains("NaN or Inf") && Catch::Contains("'4'"));
+  CHECK_THROWS_WITH(ls.prune(50), Catch::Contains("NaN or Inf") && Catch::Contains("'4'"));
+  CHECK(gs.mask("2").equal(mask));
+  CHECK(single->named_parameters()["2.weight"].equal(before));
 }
