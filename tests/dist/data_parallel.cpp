@@ -523,7 +523,7 @@ TEST_CASE("Two processes train as one process with the global batch", "[dist][mu
   fs::remove_all(dir);
 }
 
-TEST_CASE("A killed rank stops the job with its name; resuming reproduces the run",
+TEST_CASE("A killed rank stops the job with its name, resuming reproduces the run",
           "[dist][multiprocess][faults][checkpoint]") {
   const auto dir = scratch("resume");
   const auto checkpoint = (dir / "checkpoint.pt").string();

@@ -54,7 +54,7 @@ std::int64_t group_of(const Graph& g, const std::string& module) {
 
 }  // namespace
 
-TEST_CASE("trace: a residual block couples the stream; a branch conv is its own group", "[graph]") {
+TEST_CASE("trace: a residual block couples the stream, a branch conv is its own group", "[graph]") {
   ResidualNet net;
   const Graph g = trace(net, torch::randn({2, 3, 8, 8}));
   INFO(g);

@@ -199,7 +199,7 @@ TEST_CASE("Calibrator: a layer left in fp32 splits the chain in two", "[quant][s
   CHECK(relative_error(run(q, x), run(model, x)) < 0.1);
 }
 
-TEST_CASE("Calibration is deterministic; observers differ as they should", "[quant][static]") {
+TEST_CASE("Calibration is deterministic, observers differ as they should", "[quant][static]") {
   auto model = trained_looking_compact_vgg(15);
   const auto data = batches(16, 3);
   const auto x = batches(17, 1).front();

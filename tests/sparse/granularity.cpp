@@ -37,7 +37,7 @@ TEST_CASE("a Linear weight is a 1x1 convolution for every granularity", "[granul
   CHECK(g::NM<2, 4>::group_scores(s).sizes() == torch::IntArrayRef({6, 2}));
 }
 
-TEST_CASE("counts: floor(n * s / 100) groups; N:M counts blocks", "[granularity]") {
+TEST_CASE("counts: floor(n * s / 100) groups, N:M counts blocks", "[granularity]") {
   CHECK(g::Filter::groups_to_prune(64, 40) == 25);    // 39.06%
   CHECK(g::Filter::groups_to_prune(512, 40) == 204);  // 39.84%
   CHECK(g::Weight::groups_to_prune(10, 30) == 3);

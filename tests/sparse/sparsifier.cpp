@@ -142,7 +142,7 @@ TEST_CASE("Filter granularity zeroes the whole channel: filter, bias, BN gamma a
   CHECK(y.index_select(1, zero.nonzero().flatten()).abs().max().item<float>() == 0.0f);
 }
 
-TEST_CASE("Global removes floor(N * s / 100) groups over all layers; each keeps one",
+TEST_CASE("Global removes floor(N * s / 100) groups over all layers, each keeps one",
           "[sparsifier][global]") {
   torch::manual_seed(3);
   auto model = small_net();

@@ -55,7 +55,7 @@ Chain pruned_and_folded() {
   Pruner pruner;
   c.pruned = pruner.prune(c.original);
   CHECK(count_parameters(c.pruned) == 83'975'344);
-  CHECK(pruner.report().layers.size() == 13);
+  CHECK(pruner.report().layers.size() == 13 + 3);  // the 13 convolutions and the 3 Linears
   CHECK(pruner.report().layers[0].channels_after == 64 - 25);
   CHECK(pruner.report().layers[12].channels_after == 512 - 204);
   BNFolder folder;

@@ -285,7 +285,7 @@ TORCH_MODULE(FoldNet);
 
 }  // namespace
 
-TEST_CASE("BNFolder::fold_ folds users' modules in place; BatchNorms become identities", "[bn_folder][graph]") {
+TEST_CASE("BNFolder::fold_ folds users' modules in place, BatchNorms become identities", "[bn_folder][graph]") {
   torch::manual_seed(31);
   FoldNet net;
   randomize_batch_norms(*net);
