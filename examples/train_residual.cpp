@@ -133,7 +133,8 @@ int main(int argc, char** argv) try {
 
   Sparsifier<granularity::Filter, method::Local, criteria::L1, schedule::Gradual> sparsifier(
       model, example_input, SparsifierOptions(sparsity));
-  SparsifyCallback sparsify(sparsifier);
+  // Prune over the first half of the fine-tuning, recover during the second.
+  SparsifyCallback sparsify(sparsifier, SparsifyCallbackOptions().end(0.5));
   std::cout << "\nFine-tuning " << finetune << " epochs while pruning to " << sparsity
             << "% of each coupled group's filters\n";
   learn.fit(finetune, lr / 5, {sparsify});
