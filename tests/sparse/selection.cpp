@@ -94,6 +94,17 @@ void check_same_as_general(const std::vector<torch::Tensor>& weights, std::vecto
     CHECK(keep[i].equal(torch::logical_not(fused.masks[i]).to(torch::kFloat32)));
     CHECK(w[i].equal(weights[i] * keep[i]));
   }
+  // Again into the first run's mask buffers, scrambled: the same masks, in those buffers.
+  std::vector<torch::Tensor> reused;
+  for (const auto& m : fused.masks) reused.push_back(m.copy_(torch::rand(m.sizes()) < 0.5));
+  for (size_t i = 0; i < weights.size(); ++i) w[i].copy_(weights[i]);
+  const auto again = select_lowest_magnitude(w, ks, keep, /*zero_weights=*/true, keep_one, reused);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    CHECK(again.masks[i].data_ptr() == reused[i].data_ptr());
+    CHECK(again.counts[i] == fused.counts[i]);
+    CHECK(torch::logical_not(again.masks[i]).to(torch::kFloat32).equal(keep[i]));
+    CHECK(w[i].equal(weights[i] * keep[i]));
+  }
 }
 
 }  // namespace
@@ -183,6 +194,20 @@ TEST_CASE("Weight/L1 sparsifiers: float32 weights (fused selection) get the mask
   }
   for (const auto& p : single->named_parameters())
     CHECK(p.value().to(torch::kFloat64).equal(twice->named_parameters()[p.key()]));
+
+  // A mask handed out by mask() is a copy that later selections do not rewrite; a mask nobody
+  // else holds is rewritten in place.
+  {
+    const auto held = gs.mask("2");
+    const auto snapshot = held.clone();
+    gs.prune(30);
+    CHECK(held.equal(snapshot));
+    CHECK(gs.mask("2").data_ptr() != held.data_ptr());
+  }
+  const void* buffer = gs.mask("2").data_ptr();
+  gs.prune(60), gd.prune(60);
+  CHECK(gs.mask("2").data_ptr() == buffer);
+  for (const auto& name : gs.layer_names()) CHECK(gs.mask(name).equal(gd.mask(name)));
 
   // A NaN: the layer is named, masks and weights stay as they were.
   const auto mask = gs.mask("2").clone();

@@ -141,9 +141,9 @@ class Sparsifier final : public SparsifierInterface {
     detail::check_sparsity(where("prune"), sparsity);
     check_reachable("sparsity", sparsity);
     std::vector<double> per_layer(targets_.size(), sparsity);
-    recompute(per_layer, /*force=*/true);
+    const bool applied = recompute(per_layer, /*force=*/true);
     current_ = sparsity;
-    apply();
+    if (!applied) apply();
   }
 
   void step(double progress) override {
@@ -156,8 +156,9 @@ class Sparsifier final : public SparsifierInterface {
       std::vector<double> per_layer;
       per_layer.reserve(targets_.size());
       for (const auto& t : targets_) per_layer.push_back(options_.start() + (t.target - options_.start()) * f);
-      recompute(per_layer, /*force=*/false);
+      const bool applied = recompute(per_layer, /*force=*/false);
       current_ = options_.start() + (options_.target() - options_.start()) * f;
+      if (applied) return;
     }
     apply();
   }
@@ -434,8 +435,9 @@ class Sparsifier final : public SparsifierInterface {
 
   // Single weights by magnitude, float32 on the CPU: the selection reads the weights' own bits
   // (detail::select_lowest_magnitude: no score tensor, the finiteness check folded into its
-  // first pass, masks and multipliers written together in its last). False when the weights do
-  // not qualify or no count changes: the general path then runs.
+  // first pass, masks, multipliers and zeroed weights written together in its last, so no
+  // apply() follows). False when the weights do not qualify or no count changes: the general
+  // path then runs.
   bool recompute_magnitudes(const std::vector<double>& sparsity, bool force) {
     std::vector<torch::Tensor> weights, keep;
     std::int64_t total = 0;
@@ -453,22 +455,29 @@ class Sparsifier final : public SparsifierInterface {
       changed |= counts[i] != targets_[i].groups_pruned;
     }
     if (!changed) return false;
+    std::vector<torch::Tensor> masks;
     for (size_t i = 0; i < targets_.size(); ++i) {  // the previous multipliers are overwritten
       const auto& k = targets_[i].keep;
       const bool fits = k.defined() && k.device().is_cpu() && k.scalar_type() == torch::kFloat32 &&
                         k.is_contiguous() && k.sizes() == weights[i].sizes();
       keep.push_back(fits ? k : torch::empty_like(weights[i]));
+      // The previous mask is rewritten only when no copy of it was handed out through mask().
+      const auto& m = targets_[i].pruned;
+      const bool sole = m.defined() && m.use_count() == 1 && m.storage().use_count() == 1;
+      masks.push_back(sole ? m : torch::Tensor());
     }
     auto selection = detail::select_lowest_magnitude(
         weights, Method::global ? std::vector<std::int64_t>{counts.front()} : counts, keep,
-        /*zero_weights=*/false, /*keep_one=*/Method::global);
+        /*zero_weights=*/true, /*keep_one=*/Method::global, masks);
     if (selection.non_finite >= 0)
       detail::throw_argument_error(
           where("prune/step"),
           detail::concat("weights of layer '", targets_[static_cast<size_t>(selection.non_finite)].layer.name, "'"),
           "NaN or Inf", "finite values");
+    masks.clear();  // our references to the old masks: t.pruned holds the only other one
     for (size_t i = 0; i < targets_.size(); ++i) {  // commit
       auto& t = targets_[i];
+      torch::autograd::impl::bump_version(t.layer.weight());  // written through its data pointer
       t.pruned = std::move(selection.masks[i]);
       t.keep = std::move(keep[i]);
       t.channels = torch::Tensor();
@@ -478,10 +487,11 @@ class Sparsifier final : public SparsifierInterface {
   }
 
   // Recompute masks for per-layer sparsities; all checks happen before any state changes.
-  void recompute(const std::vector<double>& sparsity, bool force) {
+  // True when the masks are already applied to the weights.
+  bool recompute(const std::vector<double>& sparsity, bool force) {
     torch::NoGradGuard no_grad;
     if constexpr (std::is_same_v<Granularity, granularity::Weight> && std::is_same_v<Criteria, criteria::L1>)
-      if (recompute_magnitudes(sparsity, force)) return;
+      if (recompute_magnitudes(sparsity, force)) return true;
     std::vector<torch::Tensor> scores, groups;
     std::int64_t all_groups = 0;
     for (auto& t : targets_) {
@@ -509,7 +519,7 @@ class Sparsifier final : public SparsifierInterface {
     }
     if constexpr (Granularity::whole_channel) {
       recompute_units(groups, sparsity, force);
-      return;
+      return false;
     }
     std::vector<std::int64_t> counts(targets_.size());
     if constexpr (Method::global) {
@@ -521,7 +531,7 @@ class Sparsifier final : public SparsifierInterface {
     }
     bool changed = force;
     for (size_t i = 0; i < targets_.size(); ++i) changed |= counts[i] != targets_[i].groups_pruned;
-    if (!changed) return;
+    if (!changed) return false;
 
     std::vector<torch::Tensor> selected;
     if constexpr (Method::global) {
@@ -546,6 +556,7 @@ class Sparsifier final : public SparsifierInterface {
     }
     for (size_t i = 0; i < targets_.size(); ++i)  // commit
       targets_[i].set_masks(std::move(out[i].pruned), std::move(out[i].channels), out[i].groups);
+    return false;
   }
 
   // Units to prune out of n when `k` are wanted and the rest must be a multiple of round_to.
