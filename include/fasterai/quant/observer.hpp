@@ -156,17 +156,23 @@ concept observer = std::copy_constructible<O> && requires(O o, const O& c, const
   { c.params() } -> std::convertible_to<QuantParams>;
 };
 
+// Symmetric qint8 scales from the largest magnitudes: max|w| / 127, and 1 where everything is
+// zero (float64, like `amax`'s shape).
+inline torch::Tensor symmetric_scales(const torch::Tensor& amax) {
+  const torch::Tensor a = amax.to(torch::kFloat64);
+  return torch::where(a > 0, a / 127.0, torch::ones_like(a));
+}
+
 // The weight `w` (output channels first) as qint8: symmetric, per output channel or for the
 // whole tensor, zero_point 0, scale = max|w| / 127 (a channel of zeros gets scale 1).
 inline torch::Tensor quantize_weight(const torch::Tensor& w, bool per_channel = true) {
   torch::NoGradGuard no_grad;
   const torch::Tensor wf = w.detach().to(torch::kCPU, torch::kFloat32).contiguous();
   if (!per_channel) {
-    double amax = wf.abs().max().item<double>();
-    return torch::quantize_per_tensor(wf, amax > 0 ? amax / 127.0 : 1.0, 0, torch::kQInt8);
+    const double scale = symmetric_scales(wf.abs().max()).item<double>();
+    return torch::quantize_per_tensor(wf, scale, 0, torch::kQInt8);
   }
-  torch::Tensor amax = wf.abs().flatten(1).amax(1).to(torch::kFloat64);
-  const torch::Tensor scales = torch::where(amax > 0, amax / 127.0, torch::ones_like(amax));
+  const torch::Tensor scales = symmetric_scales(wf.abs().flatten(1).amax(1));
   return torch::quantize_per_channel(wf, scales, torch::zeros({wf.size(0)}, torch::kLong), 0,
                                      torch::kQInt8);
 }
