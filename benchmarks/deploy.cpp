@@ -27,6 +27,7 @@
 #include <optional>
 #include <string>
 
+#include "benchmark_models.hpp"
 #include <fasterai/deploy/cost_model.hpp>
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/models/compact_vgg.hpp>
@@ -51,18 +52,6 @@ torch::Tensor example(Network network) {
 }
 
 // Running statistics away from (0, 1), as after training, so that folding has work to do.
-void trained_looking_batch_norms(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& m : model.modules(false))
-    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
-      const auto n = bn->options.num_features();
-      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
-      bn->bias.copy_(0.3 * torch::randn({n}));
-      bn->running_mean.copy_(0.5 * torch::randn({n}));
-      bn->running_var.copy_(0.5 + torch::rand({n}));
-    }
-}
-
 // One runnable variant, with its cost.
 struct Variant {
   std::function<torch::Tensor(const torch::Tensor&)> forward;
@@ -91,13 +80,13 @@ std::shared_ptr<torch::nn::Module> eager_model(Network network, Model model) {
   std::shared_ptr<torch::nn::Module> built;
   if (network == Network::resnet50) {
     auto resnet = fasterai::models::resnet50(1000);
-    trained_looking_batch_norms(*resnet);
+    fasterai::bench::trained_looking_batch_norms(*resnet);
     resnet->eval();
     built = resnet.ptr();
   } else {
     auto original = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
                                                  : fasterai::models::compact_vgg();
-    trained_looking_batch_norms(*original);
+    fasterai::bench::trained_looking_batch_norms(*original);
     original->eval();
     if (model == Model::original) {
       built = original.ptr();

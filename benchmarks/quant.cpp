@@ -8,9 +8,11 @@
 //                             fp32/int8 — the numbers to quote on a busy machine, since the
 //                             variants share whatever load there is
 //   Quant_Latency/<net>_<variant>   one variant alone, Google Benchmark's own timing
-//   Quant_TorchAO/vgg16_bn    Python's torch.ao on the same architecture
+//   Quant_TorchAO/<net>       Python's torch.ao on the same architecture
 //                             (scripts/quant_baseline.py, run from here so that it is the same
 //                             run); skipped without /usr/bin/python3 and torch
+//   Quant_ResNet50_Interleaved   the zoo's ResNet-50: fp32 eager, fp32 optimized for inference
+//                             and int8 through the traced graph, interleaved
 //   Quant_Calibrate/vgg16_bn  Calibrator: fold, plan, observe 2 batches, convert
 //
 //   fasterai_benchmarks --benchmark_filter=Quant
@@ -24,22 +26,27 @@
 // time than with one BLAS thread. The benchmarks therefore set OpenBLAS to one thread when it
 // is loaded (the same as OPENBLAS_NUM_THREADS=1).
 #include <benchmark/benchmark.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "benchmark_models.hpp"
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/models/compact_vgg.hpp>
+#include <fasterai/deploy/optimize.hpp>
+#include <fasterai/models/resnet.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/quant/calibrator.hpp>
+#include <fasterai/quant/traced_calibrator.hpp>
 #include <fasterai/quant/quantize_dynamic.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/transform/bn_folder.hpp>
@@ -58,19 +65,6 @@ std::vector<std::int64_t> input_shape(Network network) {
                                       : std::vector<std::int64_t>{1, 1, 28, 28};
 }
 
-void trained_looking_batch_norms(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& m : model.modules(false)) {
-    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
-      const auto n = bn->options.num_features();
-      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
-      bn->bias.copy_(0.3 * torch::randn({n}));
-      bn->running_mean.copy_(0.5 * torch::randn({n}));
-      bn->running_var.copy_(0.5 + torch::rand({n}));
-    }
-  }
-}
-
 // The compressed fp32 model and its two int8 versions, built once per network.
 struct Models {
   torch::nn::Sequential fp32, int8_static, int8_dynamic;
@@ -80,7 +74,7 @@ torch::nn::Sequential compressed(Network network) {
   torch::manual_seed(0);
   auto model = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
                                             : fasterai::models::compact_vgg();
-  trained_looking_batch_norms(*model);
+  fasterai::bench::trained_looking_batch_norms(*model);
   model->eval();
   FilterL1(model).prune(40.0);
   auto folded = fasterai::BNFolder().fold(fasterai::Pruner().prune(model));
@@ -117,15 +111,8 @@ double median(std::vector<double> v) {
   return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// torch::set_num_threads(1), and openblas_set_num_threads(1) when OpenBLAS is loaded.
-void one_thread() {
-  torch::set_num_threads(1);
-  using SetThreads = void (*)(int);
-  if (auto* set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) set(1);
-}
-
 void Quant_Interleaved(benchmark::State& state, Network network) {
-  one_thread();
+  fasterai::bench::one_thread();
   c10::InferenceMode inference;
   const auto input = torch::randn(input_shape(network));
   const Variant variants[] = {Variant::fp32, Variant::int8_static, Variant::int8_dynamic};
@@ -155,7 +142,7 @@ void Quant_Interleaved(benchmark::State& state, Network network) {
 }
 
 void Quant_Latency(benchmark::State& state, Network network, Variant variant) {
-  one_thread();
+  fasterai::bench::one_thread();
   c10::InferenceMode inference;
   auto& model = model_of(network, variant);
   const auto input = torch::randn(input_shape(network));
@@ -168,7 +155,7 @@ void Quant_Latency(benchmark::State& state, Network network, Variant variant) {
 }
 
 void Quant_Calibrate(benchmark::State& state) {
-  one_thread();
+  fasterai::bench::one_thread();
   const auto& fp32 = models(Network::vgg16_bn).fp32;
   const auto batches = calibration_batches(Network::vgg16_bn);
   for (auto _ : state) {
@@ -177,8 +164,72 @@ void Quant_Calibrate(benchmark::State& state) {
   }
 }
 
+// ResNet-50 (the zoo's, 1000 classes, 3×224×224, trained-looking BatchNorms): fp32 as written
+// (its forward, eager), fp32 optimized for inference (TorchScript, BatchNorms folded, frozen:
+// deploy/optimize.hpp) and int8 through its traced graph (quant/traced_calibrator.hpp: residual
+// adds in int8), calibrated on 2 random batches.
+struct ResNetVariants {
+  fasterai::models::ResNet eager{nullptr};
+  fasterai::InferenceModel optimized{nullptr};
+  torch::jit::Module int8;
+};
+
+ResNetVariants& resnet50_variants() {
+  static ResNetVariants built = [] {
+    ResNetVariants v;
+    torch::manual_seed(0);
+    v.eager = fasterai::models::resnet50(1000);
+    fasterai::bench::trained_looking_batch_norms(*v.eager);
+    v.eager->eval();
+    const auto example = torch::randn({1, 3, 224, 224});
+    v.optimized = fasterai::optimize_for_inference(v.eager, example);
+    torch::manual_seed(1);
+    const std::vector<torch::Tensor> batches{torch::randn({1, 3, 224, 224}), torch::randn({1, 3, 224, 224})};
+    v.int8 = fasterai::quantize_traced(v.eager, example, batches);
+    return v;
+  }();
+  return built;
+}
+
+std::size_t saved_bytes(const torch::jit::Module& m) {
+  std::ostringstream os;
+  m.save(os);
+  return os.str().size();
+}
+
+void Quant_ResNet50_Interleaved(benchmark::State& state) {
+  fasterai::bench::one_thread();
+  c10::InferenceMode inference;
+  auto& v = resnet50_variants();
+  const auto input = torch::randn({1, 3, 224, 224});
+  const std::function<torch::Tensor()> run[] = {
+      [&] { return v.eager->forward(input); }, [&] { return v.optimized->forward(input); },
+      [&] { return v.int8.forward({input}).toTensor(); }};
+  for (const auto& f : run) f(), f();  // warm-up: oneDNN primitives, the graph executor's plans
+  std::vector<double> ms[3];
+  for (auto _ : state) {
+    double total = 0;
+    for (int i = 0; i < 3; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      auto out = run[i]();
+      benchmark::DoNotOptimize(out.data_ptr());
+      const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      ms[i].push_back(t);
+      total += t;
+    }
+    state.SetIterationTime(total / 1e3);
+  }
+  const double eager = median(ms[0]), optimized = median(ms[1]), int8 = median(ms[2]);
+  state.counters["fp32_ms"] = eager;
+  state.counters["fp32_optimized_ms"] = optimized;
+  state.counters["int8_ms"] = int8;
+  state.counters["speedup_vs_fp32"] = eager / int8;
+  state.counters["speedup_vs_optimized"] = optimized / int8;
+  state.counters["size_ratio"] = double(fasterai::model_size_bytes(v.eager)) / double(saved_bytes(v.int8));
+}
+
 // Python's torch.ao on the same architecture, run as a child process and read back as JSON.
-void Quant_TorchAO(benchmark::State& state) {
+void Quant_TorchAO(benchmark::State& state, const std::string& model) {
   const auto script = std::filesystem::path(__FILE__).parent_path().parent_path() / "scripts" / "quant_baseline.py";
   const bool python = std::filesystem::exists("/usr/bin/python3") && std::filesystem::exists(script) &&
                       std::system("/usr/bin/python3 -c 'import torch, torchvision' 2>/dev/null") == 0;
@@ -187,7 +238,7 @@ void Quant_TorchAO(benchmark::State& state) {
     return;
   }
   const std::string command =
-      "OPENBLAS_NUM_THREADS=1 /usr/bin/python3 " + script.string() + " --runs 15 2>/dev/null";
+      "OPENBLAS_NUM_THREADS=1 /usr/bin/python3 " + script.string() + " --model " + model + " --runs 15 2>/dev/null";
   double fp32 = 0, int8 = 0;
   for (auto _ : state) {
     std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
@@ -220,7 +271,12 @@ BENCHMARK_CAPTURE(Quant_Interleaved, vgg16_bn, Network::vgg16_bn)
     ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(15)->Repetitions(3)->ReportAggregatesOnly(true);
 BENCHMARK_CAPTURE(Quant_Interleaved, compact_vgg, Network::compact_vgg)
     ->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(300)->Repetitions(3)->ReportAggregatesOnly(true);
-BENCHMARK(Quant_TorchAO)->UseRealTime()->Unit(benchmark::kSecond)->Iterations(1)->Repetitions(1);
+BENCHMARK_CAPTURE(Quant_TorchAO, vgg16_bn, std::string("vgg16_bn"))
+    ->UseRealTime()->Unit(benchmark::kSecond)->Iterations(1)->Repetitions(1);
+BENCHMARK(Quant_ResNet50_Interleaved)
+    ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(15)->Repetitions(3)->ReportAggregatesOnly(true);
+BENCHMARK_CAPTURE(Quant_TorchAO, resnet50, std::string("resnet50"))
+    ->UseRealTime()->Unit(benchmark::kSecond)->Iterations(1)->Repetitions(1);
 BENCHMARK_CAPTURE(Quant_Latency, vgg16_bn_fp32, Network::vgg16_bn, Variant::fp32)
     ->Apply([](auto* b) { repeated(b, benchmark::kMillisecond); });
 BENCHMARK_CAPTURE(Quant_Latency, vgg16_bn_int8_static, Network::vgg16_bn, Variant::int8_static)

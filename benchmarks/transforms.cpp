@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 
+#include "benchmark_models.hpp"
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
@@ -56,26 +57,13 @@ std::vector<std::int64_t> input_shape(Network network) {
 }
 
 // Running statistics away from (0, 1), as after training, so that folding has work to do.
-void trained_looking_batch_norms(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& m : model.modules(false)) {
-    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
-      const auto n = bn->options.num_features();
-      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
-      bn->bias.copy_(0.3 * torch::randn({n}));
-      bn->running_mean.copy_(0.5 * torch::randn({n}));
-      bn->running_var.copy_(0.5 + torch::rand({n}));
-    }
-  }
-}
-
 torch::nn::Sequential& stage(Network network, Stage which) {
   auto& s = stages(network);
   if (!s.original) {
     torch::manual_seed(0);
     s.original = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
                                               : fasterai::models::compact_vgg();
-    trained_looking_batch_norms(**s.original);
+    fasterai::bench::trained_looking_batch_norms(**s.original);
     (*s.original)->eval();
   }
   if (which == Stage::original) return *s.original;

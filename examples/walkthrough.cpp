@@ -7,10 +7,11 @@
 //   5. Pruner        remove the zeroed filters           (outputs unchanged)
 //   6. BNFolder      fold the BatchNorms                 (outputs unchanged)
 //   7. FCDecomposer  factorize the classifier (0.5), then a short fine-tune
+//   8. int8          static quantization (Calibrator, 16 training batches)
 //
 // and a summary table, one row per stage: parameters, size, MACs, latency (batch 1) of the eager
-// model and of its optimized TorchScript export, test accuracy. The final model is exported to
-// a TorchScript file that Python's torch.jit.load runs.
+// model and of its optimized TorchScript export, test accuracy. The final fp32 model is exported
+// to a TorchScript file that Python's torch.jit.load runs.
 //
 // The default run fits a time budget (--budget-minutes, 10): one training step is timed first,
 // and the training subset is sized so that every stage's epochs fit on this machine.
@@ -21,6 +22,7 @@
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/dist/launched_job.hpp>
+#include <fasterai/quant/calibrator.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>
 #include <fasterai/transform/pruner.hpp>
@@ -58,6 +60,7 @@ struct Args {
   double budget_minutes = 10;
   std::string export_path = "walkthrough_final.pt";
   int latency_rounds = 5;   // interleaved rounds over the stages; medians and spread over them
+  std::size_t calibration_batches = 16;  // int8: training batches the calibration observes
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::uint64_t seed = 42;
   int threads = 1;          // for the latency measurements
@@ -120,19 +123,36 @@ class Walkthrough {
 
   // Add a stage's row to the summary: counts and accuracy now, latency in the final rounds.
   void record(const std::string& stage, torch::nn::Sequential model, Learner& learn) {
-    const double accuracy = learn.validate().metric("accuracy");
     Row row{stage, count_parameters(model), model_size_bytes(model),
-            count_macs(model, {1, 28, 28}).total(), accuracy, clone_model(model), std::nullopt, {}, {}};
+            count_macs(model, {1, 28, 28}).total(), learn.validate().metric("accuracy"),
+            clone_model(model), std::nullopt, {}, {}};
     row.model->eval();
     try {
       row.optimized = optimize_for_inference(row.model, example());
     } catch (const std::exception& e) {
       std::cout << "(" << stage << ": no optimized export: " << e.what() << ")\n";
     }
+    add(std::move(row));
+  }
+
+  // An int8 stage: the weights and MACs of the fp32 model it quantizes (its weights are int8
+  // buffers, not parameters), its own size and accuracy; no optimized column (the int8 kernels
+  // are what runs).
+  void record_int8(const std::string& stage, torch::nn::Sequential int8, const Row& fp32) {
+    const double accuracy = Learner(int8, train_, test_, LearnerOptions().seed(a_.seed)).validate().metric("accuracy");
+    int8->eval();
+    add(Row{stage, fp32.parameters, model_size_bytes(int8), fp32.macs, accuracy, int8, std::nullopt, {}, {}});
+  }
+
+  const Row& last() const { return rows_.back(); }
+  const data::Batches& train_data() const { return train_; }
+
+  void add(Row row) {
     rows_.push_back(std::move(row));
-    std::cout << "-> " << stage << ": " << with_thousands(rows_.back().parameters)
-              << " parameters, test accuracy " << std::fixed << std::setprecision(2)
-              << 100 * accuracy << "%\n";
+    const Row& r = rows_.back();
+    std::cout << "-> " << r.stage << ": " << with_thousands(r.parameters) << " parameters, "
+              << std::fixed << std::setprecision(3) << double(r.bytes) / 1e6 << " MB, test accuracy "
+              << std::setprecision(2) << 100 * r.accuracy << "%\n";
   }
 
   static torch::Tensor example() { return torch::randn({1, 1, 28, 28}); }
@@ -172,22 +192,26 @@ class Walkthrough {
       std::cout << " | " << std::setprecision(2) << 100 * r.accuracy << "% |\n";
     }
     const Row& base = rows_.front();
-    const Row& last = rows_.back();
-    std::cout << std::setprecision(2) << "\nFinal vs baseline: " << double(base.parameters) / double(last.parameters)
+    const Row& int8 = rows_.back();
+    const Row& last = rows_[rows_.size() - 2];  // the last fp32 stage
+    std::cout << std::setprecision(2) << "\nFinal fp32 vs baseline: " << double(base.parameters) / double(last.parameters)
               << "x fewer parameters, " << double(base.macs) / double(last.macs) << "x fewer MACs, "
               << median(base.eager_ms) / median(last.eager_ms) << "x lower latency (eager), ";
     if (last.optimized)
       std::cout << median(base.eager_ms) / median(last.optimized_ms) << "x (final optimized vs baseline eager), ";
     std::cout << "accuracy " << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
-              << " points.\n";
+              << " points.\nint8 vs final fp32: " << double(last.bytes) / double(int8.bytes) << "x smaller, "
+              << median(last.eager_ms) / median(int8.eager_ms) << "x lower latency (eager), accuracy "
+              << std::showpos << 100 * (int8.accuracy - last.accuracy) << std::noshowpos << " points.\n";
   }
 
-  // The last stage as a TorchScript file (Python: torch.jit.load(path)(x)).
-  void export_final() const {
-    if (a_.export_path.empty()) return;
-    auto model = rows_.back().model;
+  // The last fp32 stage as a TorchScript file (Python: torch.jit.load(path)(x)); one process
+  // writes it when several run the walkthrough (scripts/launch.sh).
+  void export_final(bool main_process) const {
+    if (a_.export_path.empty() || !main_process) return;
+    auto model = rows_[rows_.size() - 2].model;
     to_torchscript(model, example()).save(a_.export_path);
-    std::cout << "\nExported the final model to " << a_.export_path
+    std::cout << "\nExported the final fp32 model to " << a_.export_path
               << " (Python: torch.jit.load(\"" << a_.export_path << "\")(x) for x of shape [N, 1, 28, 28])\n";
   }
 
@@ -258,6 +282,7 @@ int main(int argc, char** argv) {
       .option("--train", a.train, "training images (a seeded random subset below 60000; 0: as many as the time budget allows)")
       .option("--budget-minutes", a.budget_minutes, "time budget of the default run; sizes the training subset when --train is 0")
       .option("--export", a.export_path, "TorchScript file of the final model (empty: none)")
+      .option("--calibration-batches", a.calibration_batches, "int8: training batches the calibration observes")
       .option("--latency-rounds", a.latency_rounds, "interleaved latency rounds over the stages")
       .option("--test", a.test, "test images (a seeded random subset below 10000; 0: as many as the time budget allows)")
       .option("--data", a.data, "folder of the Fashion-MNIST files")
@@ -321,10 +346,16 @@ int main(int argc, char** argv) {
     final_learn.fit_one_cycle(a.finetune_epochs, a.finetune_lr);
     w.record("factorized + fine-tuned", factorized, final_learn);
 
+    w.title("8. int8: static quantization, calibrated on " + std::to_string(a.calibration_batches) +
+            " training batches");
+    Calibrator calibrator(factorized);
+    calibrator.observe(w.train_data(), a.calibration_batches);
+    w.record_int8("int8 (static)", calibrator.convert(), w.last());
+
     std::cout << "\n### Latency: " << a.latency_rounds << " interleaved rounds over the stages\n";
     w.measure_latencies();
     w.summary();
-    w.export_final();
+    w.export_final(job.is_main());
     std::cout << "\nTotal time: " << std::fixed << std::setprecision(0)
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()
               << " s\n";
