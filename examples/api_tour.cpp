@@ -50,6 +50,14 @@ int main() {
             << fasterai::count_macs(resnet, {3, 64, 64}).total() << " MACs\n";
   // [end]
 
+  // [int8_traced]
+  std::vector<torch::Tensor> calibration{torch::randn({8, 3, 64, 64}), torch::randn({8, 3, 64, 64})};
+  torch::jit::Module int8 = fasterai::quantize_traced(resnet, example, calibration);  // adds stay int8
+  std::cout << int8.forward({example}).toTensor().argmax(1) << "\n";
+  int8.save("resnet18_int8.pt");                          // Python: torch.jit.load("resnet18_int8.pt")
+  std::remove("resnet18_int8.pt");
+  // [end]
+
   // [training]
   using namespace fasterai;
   auto subset = data::FashionMNISTOptions().subset(2000).subset_seed(0);

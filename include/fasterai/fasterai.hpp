@@ -29,6 +29,7 @@
 #include <fasterai/quant/observer.hpp>
 #include <fasterai/quant/quantize_dynamic.hpp>
 #include <fasterai/quant/quantized_layers.hpp>
+#include <fasterai/quant/traced_calibrator.hpp>
 #include <fasterai/sparse/concepts.hpp>
 #include <fasterai/sparse/criteria.hpp>
 #include <fasterai/sparse/factory.hpp>
