@@ -211,7 +211,8 @@ TEST_CASE("traced quantization: bad inputs give clear errors and change nothing"
 
   // A batch of the wrong shape, a NaN batch, an infinite one: errors, and the ranges observed
   // so far are kept, so the converted model is the same.
-  CHECK_THROWS(calibrator.observe(torch::randn({4, 5, 16, 16})));
+  CHECK_THROWS_WITH(calibrator.observe(torch::randn({4, 5, 16, 16})),
+                    Catch::Contains("'batch'") && Catch::Contains("[4, 5, 16, 16]"));
   auto nan_batch = torch::randn({4, 3, 16, 16});
   nan_batch[1][2][3][4] = std::numeric_limits<float>::quiet_NaN();
   CHECK_THROWS_WITH(calibrator.observe(nan_batch), Catch::Contains("NaN or infinite"));

@@ -38,6 +38,7 @@
 #include <fasterai/core/error.hpp>
 #include <fasterai/io/read_limits.hpp>
 #include <fasterai/io/state_dict.hpp>
+#include <fasterai/transform/layer_resize.hpp>
 
 namespace fasterai {
 
@@ -167,19 +168,10 @@ void plan_batch_norm(std::vector<LayerResize>& plan, std::ostringstream& problem
 }
 
 inline void apply_resize(const LayerResize& r) {
-  torch::NoGradGuard no_grad;
-  for (const auto& [tensor, shape] : r.tensors) {
-    tensor->set_data(torch::empty(shape, tensor->options()));
-    if (tensor->grad().defined()) tensor->mutable_grad() = torch::Tensor();
-  }
-  if (auto* conv = r.module->as<torch::nn::Conv2dImpl>())
-    conv->options.out_channels(r.out).in_channels(r.in).groups(r.groups);
-  else if (auto* linear = r.module->as<torch::nn::LinearImpl>())
-    linear->options.out_features(r.out).in_features(r.in);
-  else if (auto* bn2 = r.module->as<torch::nn::BatchNorm2dImpl>())
-    bn2->options.num_features(r.out);
-  else if (auto* bn1 = r.module->as<torch::nn::BatchNorm1dImpl>())
-    bn1->options.num_features(r.out);
+  std::vector<std::pair<torch::Tensor*, torch::Tensor>> fresh;
+  for (const auto& [tensor, shape] : r.tensors) fresh.emplace_back(tensor, torch::empty(shape, tensor->options()));
+  set_tensor_data(fresh);  // the file's values are copied in next
+  set_layer_widths(*r.module, r.out, r.in, r.groups);
 }
 
 // Plans the resize of every layer of `model` whose shapes differ from `file`, then checks the

@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <ranges>
 #include <string>
 #include <type_traits>
@@ -293,6 +294,9 @@ class TracedCalibrator {
       : options_(std::move(options)) {
     constexpr auto where = detail::traced_calibrator_where;
     quant::engine_from_name(where, "engine", options_.engine());
+    for (const auto& p : detail::impl(model).parameters())
+      detail::check_argument(p.device().is_cpu(), where, "model", "parameters on " + p.device().str(),
+                             "a model on the CPU, where int8 kernels run (model->to(torch::kCPU) first)");
     torch::jit::Module exported = [&] {
       const detail::EvalModeGuard eval(detail::impl(model));
       return to_torchscript(model, example, ExportOptions().check(false));
@@ -321,6 +325,13 @@ class TracedCalibrator {
     try {
       torch::NoGradGuard no_grad;
       observed_.forward({batch.to(torch::kFloat32)});
+    } catch (const c10::Error& e) {
+      restore();
+      std::ostringstream shape;
+      shape << "of shape " << batch.sizes();
+      detail::throw_argument_error(where, "batch", shape.str(),
+                                   std::string("a batch the model's forward takes (it failed: ") +
+                                       e.what_without_backtrace() + ")");
     } catch (...) {
       restore();
       throw;

@@ -46,6 +46,7 @@
 #include <fasterai/graph/removal.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
+#include <fasterai/transform/layer_resize.hpp>
 
 namespace fasterai {
 
@@ -243,21 +244,8 @@ inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g) {
 
 // Nothing here can fail: every tensor was computed by the plan.
 inline void apply_cut(ModuleCut& cut) {
-  torch::NoGradGuard no_grad;
-  for (auto& [tensor, value] : cut.tensors) {
-    tensor->set_data(value);
-    if (tensor->grad().defined()) tensor->mutable_grad() = torch::Tensor();
-  }
-  const auto out = cut.keep_out.numel(), in = cut.keep_in.numel();
-  if (auto* conv = cut.module->as<torch::nn::Conv2dImpl>()) {
-    conv->options.out_channels(out).in_channels(in).groups(cut.groups);
-  } else if (auto* linear = cut.module->as<torch::nn::LinearImpl>()) {
-    linear->options.out_features(out).in_features(in);
-  } else if (auto* bn2 = cut.module->as<torch::nn::BatchNorm2dImpl>()) {
-    bn2->options.num_features(out);
-  } else if (auto* bn1 = cut.module->as<torch::nn::BatchNorm1dImpl>()) {
-    bn1->options.num_features(out);
-  }
+  set_tensor_data(cut.tensors);
+  set_layer_widths(*cut.module, cut.keep_out.numel(), cut.keep_in.numel(), cut.groups);
 }
 
 }  // namespace detail
