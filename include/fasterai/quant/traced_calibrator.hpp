@@ -325,13 +325,14 @@ class TracedCalibrator {
     try {
       torch::NoGradGuard no_grad;
       observed_.forward({batch.to(torch::kFloat32)});
-    } catch (const c10::Error& e) {
+    } catch (const std::exception& e) {  // c10::Error, or the interpreter's runtime_error
       restore();
+      const auto* error = dynamic_cast<const c10::Error*>(&e);
       std::ostringstream shape;
       shape << "of shape " << batch.sizes();
       detail::throw_argument_error(where, "batch", shape.str(),
                                    std::string("a batch the model's forward takes (it failed: ") +
-                                       e.what_without_backtrace() + ")");
+                                       (error ? error->what_without_backtrace() : e.what()) + ")");
     } catch (...) {
       restore();
       throw;
