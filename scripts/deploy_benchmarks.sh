@@ -24,5 +24,6 @@ date -u
 "$build/benchmarks/fasterai_benchmarks" --benchmark_filter="Deploy_(PeakRates|Latency/${filter})" \
   --benchmark_enable_random_interleaving=true --benchmark_repetitions="$repetitions" \
   --benchmark_out="$build/deploy_benchmarks.json" --benchmark_out_format=json
-/usr/bin/python3 scripts/python_baseline.py --filter "$filter" --repetitions "$repetitions" \
+# One thread for Python too: OpenBLAS sizes its own pool, which torch.set_num_threads(1) does not.
+OPENBLAS_NUM_THREADS=1 /usr/bin/python3 scripts/python_baseline.py --filter "$filter" --repetitions "$repetitions" \
   --cpp "$build/deploy_benchmarks.json"
