@@ -12,6 +12,7 @@
 
 #include <torch/script.h>
 
+#include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>
 #include <fasterai/quant/traced_calibrator.hpp>
 
@@ -180,6 +181,34 @@ TEST_CASE("traced quantization of the zoo's ResNet-18", "[quant][traced]") {
   CHECK(kernels.at("quantized::conv2d") == 11);   // before an add (8) and the 3 projections
   CHECK(kernels.at("aten::quantize_per_tensor") == 1);
   CHECK(kernels.at("aten::dequantize") == 1);
+  const auto x = torch::randn({2, 3, 32, 32});
+  torch::Tensor expected;
+  {
+    torch::NoGradGuard no_grad;
+    expected = net->forward(x);
+  }
+  const double error = relative_error(run(q, x), expected);
+  INFO("relative error " << error);
+  CHECK(error <= 0.1);
+}
+
+TEST_CASE("traced quantization of the zoo's MobileNetV2: ReLU6 and residual adds stay int8", "[quant][traced]") {
+  torch::manual_seed(6);
+  auto net = models::mobilenet_v2(10);
+  randomize_batch_norms(*net);
+  net->eval();
+  TracedCalibrator calibrator(net, torch::randn({1, 3, 32, 32}));
+  CHECK(calibrator.batch_norms_folded() == 52);
+  calibrator.observe(batches(7, 2, {2, 3, 32, 32}));
+  auto q = calibrator.convert();
+  const auto kernels = kernel_counts(q);
+  const auto count = [&](const std::string& k) { return kernels.count(k) ? kernels.at(k) : 0; };
+  CHECK(count("aten::quantize_per_tensor") == 1);
+  CHECK(count("aten::dequantize") == 1);
+  CHECK(count("quantized::conv2d") == 52);
+  CHECK(count("quantized::add") == 10);        // the inverted residuals with a shortcut
+  CHECK(count("aten::hardtanh") == 35);        // ReLU6, on int8 tensors
+  CHECK(count("aten::relu6_") + count("aten::relu6") == 0);
   const auto x = torch::randn({2, 3, 32, 32});
   torch::Tensor expected;
   {

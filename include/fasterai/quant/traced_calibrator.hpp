@@ -176,14 +176,20 @@ inline int fold_conv_batch_norms(torch::jit::Module& m) {
 // `aten::relu_(x)` → `aten::relu(x)` where nothing else reads x: the same values, and the
 // out-of-place form is the one the graph passes fuse into the int8 kernel before it
 // (quantized::conv2d_relu, quantized::linear_relu) instead of running a ReLU of its own.
+// `aten::relu6_(x)` → `aten::hardtanh(x, 0, 6)`, which they run on int8 (in place, MobileNetV2's
+// ReLU6 stayed fp32 between a dequantize and a quantize).
 inline int functional_relus(torch::jit::Module& m) {
   const std::shared_ptr<torch::jit::Graph> graph = m.get_method("forward").graph();
   std::vector<torch::jit::Node*> in_place;
   for (torch::jit::Node* n : graph->nodes())
-    if (n->kind() == c10::aten::relu_ && n->input(0)->uses().size() == 1) in_place.push_back(n);
+    if ((n->kind() == c10::aten::relu_ || n->kind() == c10::aten::relu6_) && n->input(0)->uses().size() == 1)
+      in_place.push_back(n);
   for (torch::jit::Node* n : in_place) {
     torch::jit::WithInsertPoint here(n);
-    torch::jit::Value* out = graph->insert(c10::aten::relu, {n->input(0)});
+    // ReLU6 as hardtanh(x, 0, 6), the same values, which the passes keep in int8.
+    torch::jit::Value* out = n->kind() == c10::aten::relu_
+                                 ? graph->insert(c10::aten::relu, {n->input(0)})
+                                 : graph->insert(c10::aten::hardtanh, {n->input(0), 0.0, 6.0});
     out->setType(n->output()->type());
     n->output()->replaceAllUsesWith(out);
     n->destroy();
@@ -255,7 +261,9 @@ inline bool is_range_observer(const torch::jit::Module& m) {
 // Convolution/Linear → ReLU with an observer between them (InsertObservers delays observing a
 // conv's output only for module calls, not for an inlined graph like ours): the observer moves
 // after the ReLU, so the passes see conv → relu → observer and fuse them into one int8 kernel
-// whose output map covers the ReLU's range only, as the Calibrator does for Sequentials.
+// whose output map covers the ReLU's range only, as the Calibrator does for Sequentials. (Not
+// for ReLU6/hardtanh: no int8 kernel fuses it, and without the observer before it the
+// convolution would stay fp32.)
 inline int fuse_relus_after_observers(torch::jit::Graph& graph) {
   std::vector<torch::jit::Node*> moved;
   for (torch::jit::Node* relu : graph.nodes()) {
