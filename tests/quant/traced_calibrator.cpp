@@ -82,19 +82,26 @@ torch::Tensor run(torch::jit::Module& m, const torch::Tensor& x) {
   return m.forward({x}).toTensor();
 }
 
+// max |int8 − fp32| / max |fp32| of the logits.
+template <class Model>
+double error_against_fp32(torch::jit::Module& q, Model& net, const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
+  return relative_error(q.forward({x}).toTensor(), net->forward(x));
+}
+
+int count_of(const std::map<std::string, int>& kernels, const std::string& kind) {
+  const auto it = kernels.find(kind);
+  return it == kernels.end() ? 0 : it->second;
+}
+
 }  // namespace
 
 TEST_CASE("traced quantization: BatchNorm folding on the graph is exact on random users' modules",
           "[quant][traced][property]") {
   int folded = 0;
   for (int k = 0; k < 30; ++k) {
-    const std::uint64_t seed = 9000 + std::uint64_t(k);
-    torch::manual_seed(seed);
-    const std::int64_t in = 1 + k % 3, size = 6 + k % 5;
-    RandomNet net(seed, in, size);
+    auto [seed, in, size, net] = random_case(9000, k);
     INFO("seed " << seed << ": " << net->description);
-    randomize_batch_norms(*net);
-    net->eval();
     const auto before = snapshot(*net);
     const auto x = torch::randn({2, in, size, size});
     const torch::jit::Module exported = to_torchscript(net, x);  // (its forward ran: the check)
@@ -106,15 +113,10 @@ TEST_CASE("traced quantization: BatchNorm folding on the graph is exact on rando
     CHECK(kernels.count("aten::_convolution") == 0);
     // Every BatchNorm of these networks follows a convolution: all are folded.
     const auto norms = kernel_counts(exported);
-    CHECK(n == (norms.count("aten::batch_norm") ? norms.at("aten::batch_norm") : 0));
+    CHECK(n == count_of(norms, "aten::batch_norm"));
     CHECK(kernels.count("aten::batch_norm") == 0);
     const auto probe = torch::randn({3, in, size, size});
-    torch::Tensor expected;
-    {
-      torch::NoGradGuard no_grad;
-      expected = net->forward(probe);
-    }
-    CHECK(relative_error(run(copy, probe), expected) <= 1e-5);
+    CHECK(error_against_fp32(copy, net, probe) <= 1e-5);
     CHECK(unchanged(before, *net));
   }
   CHECK(folded > 30);
@@ -130,7 +132,7 @@ TEST_CASE("traced quantization keeps residual adds and concatenations in int8", 
   CHECK(calibrator.batches_observed() == 4);
   auto q = calibrator.convert();
   const auto kernels = kernel_counts(q);
-  const auto count = [&](const std::string& k) { return kernels.count(k) ? kernels.at(k) : 0; };
+  const auto count = [&](const std::string& k) { return count_of(kernels, k); };
   // One quantize at the entry, one dequantize at the exit: everything between runs on int8.
   CHECK(count("aten::quantize_per_tensor") == 1);
   CHECK(count("aten::dequantize") == 1);
@@ -145,12 +147,7 @@ TEST_CASE("traced quantization keeps residual adds and concatenations in int8", 
   // Agreement with fp32 on inputs not seen in calibration: 7-bit activations through seven
   // layers stay within a few percent of the output's range.
   for (const auto& x : batches(2, 3, {2, 3, 16, 16})) {
-    torch::Tensor expected;
-    {
-      torch::NoGradGuard no_grad;
-      expected = net->forward(x);
-    }
-    const double error = relative_error(run(q, x), expected);
+    const double error = error_against_fp32(q, net, x);
     INFO("relative error " << error);
     CHECK(error <= 0.05);
   }
@@ -182,12 +179,7 @@ TEST_CASE("traced quantization of the zoo's ResNet-18", "[quant][traced]") {
   CHECK(kernels.at("aten::quantize_per_tensor") == 1);
   CHECK(kernels.at("aten::dequantize") == 1);
   const auto x = torch::randn({2, 3, 32, 32});
-  torch::Tensor expected;
-  {
-    torch::NoGradGuard no_grad;
-    expected = net->forward(x);
-  }
-  const double error = relative_error(run(q, x), expected);
+  const double error = error_against_fp32(q, net, x);
   INFO("relative error " << error);
   CHECK(error <= 0.1);
 }
@@ -202,7 +194,7 @@ TEST_CASE("traced quantization of the zoo's MobileNetV2: ReLU6 and residual adds
   calibrator.observe(batches(7, 2, {2, 3, 32, 32}));
   auto q = calibrator.convert();
   const auto kernels = kernel_counts(q);
-  const auto count = [&](const std::string& k) { return kernels.count(k) ? kernels.at(k) : 0; };
+  const auto count = [&](const std::string& k) { return count_of(kernels, k); };
   CHECK(count("aten::quantize_per_tensor") == 1);
   CHECK(count("aten::dequantize") == 1);
   CHECK(count("quantized::conv2d") == 52);
@@ -210,12 +202,7 @@ TEST_CASE("traced quantization of the zoo's MobileNetV2: ReLU6 and residual adds
   CHECK(count("aten::hardtanh") == 35);        // ReLU6, on int8 tensors
   CHECK(count("aten::relu6_") + count("aten::relu6") == 0);
   const auto x = torch::randn({2, 3, 32, 32});
-  torch::Tensor expected;
-  {
-    torch::NoGradGuard no_grad;
-    expected = net->forward(x);
-  }
-  const double error = relative_error(run(q, x), expected);
+  const double error = error_against_fp32(q, net, x);
   INFO("relative error " << error);
   CHECK(error <= 0.1);
 }

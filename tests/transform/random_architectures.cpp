@@ -246,13 +246,8 @@ TEST_CASE("sparsify and prune_ users' modules exactly on random architectures",
   constexpr int cases = 60;
   std::int64_t removed_total = 0;
   for (int k = 0; k < cases; ++k) {
-    const std::uint64_t seed = 5000 + std::uint64_t(k);
-    torch::manual_seed(seed);
-    const std::int64_t in = 1 + k % 3, size = 6 + k % 5;
-    RandomNet net(seed, in, size);
+    auto [seed, in, size, net] = random_case(5000, k);
     INFO("seed " << seed << ": " << net->description);
-    randomize_batch_norms(*net);
-    net->eval();
     const auto x = torch::randn({2, in, size, size});
     const double target = 20.0 + double(k % 5) * 10.0;
     Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(net, x, SparsifierOptions(target));

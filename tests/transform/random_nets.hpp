@@ -15,6 +15,8 @@
 
 #include <torch/torch.h>
 
+#include "transform_testing.hpp"
+
 namespace fasterai::testing {
 
 namespace nn = torch::nn;
@@ -203,5 +205,23 @@ struct RandomNetImpl : nn::Module {
 };
 TORCH_MODULE(RandomNet);
 
+
+// Case k of a property test: a random net drawn from seed `base + k` (torch's generator seeded
+// with it too), with trained-looking BatchNorms, in eval mode; its input has `in` channels of
+// `size`×`size`.
+struct RandomCase {
+  std::uint64_t seed;
+  std::int64_t in, size;
+  RandomNet net;
+};
+inline RandomCase random_case(std::uint64_t base, int k) {
+  const std::uint64_t seed = base + std::uint64_t(k);
+  torch::manual_seed(seed);
+  const std::int64_t in = 1 + k % 3, size = 6 + k % 5;
+  RandomNet net(seed, in, size);
+  randomize_batch_norms(*net);
+  net->eval();
+  return {seed, in, size, net};
+}
 
 }  // namespace fasterai::testing
