@@ -68,7 +68,8 @@ TEST_CASE("trace: a residual block couples the stream, a branch conv is its own 
   CHECK(g.units_of(g.nodes()[node_of(g, "stem")].output) == g.units_of(g.nodes()[node_of(g, "b")].output));
   // The Linear reads 16 features per channel of the stream.
   const auto& fc = g.nodes()[node_of(g, "fc")];
-  CHECK(fc.kind == OpKind::Linear);
+  CHECK(fc.kind == OpKind::Layer);
+  CHECK(fc.rule->kind == "Linear");
   const auto fc_in = g.units_of(fc.inputs.front());
   REQUIRE(fc_in.size() == 128);
   for (int c = 0; c < 8; ++c)
@@ -77,7 +78,7 @@ TEST_CASE("trace: a residual block couples the stream, a branch conv is its own 
   CHECK(g.units()[g.units_of(fc.output).front()].fixed);
   CHECK_FALSE(g.units()[stream.units.front()].fixed);
   CHECK(g.untraced_layers().empty());
-  CHECK(g.nodes()[node_of(g, "bn_a")].kind == OpKind::BatchNorm);
+  CHECK(g.nodes()[node_of(g, "bn_a")].kind == OpKind::Norm);
 }
 
 TEST_CASE("trace: leaves the model as it was (modes, requires_grad, statistics)", "[graph]") {
@@ -146,20 +147,36 @@ TEST_CASE("trace: cat offsets channels, depthwise couples in and out, grouped co
 
 namespace {
 
-struct TransposeNetImpl : nn::Module {
+struct FlipNetImpl : nn::Module {
   nn::Conv2d a{nullptr}, b{nullptr}, c{nullptr};
-  TransposeNetImpl() {
+  FlipNetImpl() {
     a = register_module("a", nn::Conv2d(nn::Conv2dOptions(3, 4, 1)));
     b = register_module("b", nn::Conv2d(nn::Conv2dOptions(4, 4, 1)));
     c = register_module("c", nn::Conv2d(nn::Conv2dOptions(4, 2, 1)));
   }
   torch::Tensor forward(torch::Tensor x) {
     x = torch::relu(a(x));
-    x = b(x).transpose(1, 3);  // channels become width: a channel shuffle in disguise
-    return c(x.transpose(1, 3).contiguous());
+    return c(b(x).flip({1}));  // the channels reversed: an operation the graph does not know
   }
 };
-TORCH_MODULE(TransposeNet);
+TORCH_MODULE(FlipNet);
+
+// Channels moved and moved back: NCHW -> NHWC (a Linear on the channels there) -> NCHW.
+struct ChannelsLastNetImpl : nn::Module {
+  nn::Conv2d a{nullptr}, c{nullptr};
+  nn::Linear mix{nullptr};
+  ChannelsLastNetImpl() {
+    a = register_module("a", nn::Conv2d(nn::Conv2dOptions(3, 4, 1)));
+    mix = register_module("mix", nn::Linear(4, 6));
+    c = register_module("c", nn::Conv2d(nn::Conv2dOptions(6, 2, 1)));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(a(x)).permute({0, 2, 3, 1});
+    x = torch::relu(mix(x)).transpose(1, 3).transpose(2, 3);
+    return c(x);
+  }
+};
+TORCH_MODULE(ChannelsLastNet);
 
 struct SharedNetImpl : nn::Module {
   nn::Conv2d a{nullptr}, shared{nullptr}, b{nullptr};
@@ -178,12 +195,26 @@ TORCH_MODULE(SharedNet);
 
 }  // namespace
 
-TEST_CASE("trace: a transpose is a barrier that names what it protects", "[graph]") {
-  TransposeNet net;
+TEST_CASE("trace: permutes and transposes carry the channels where they go", "[graph]") {
+  ChannelsLastNet net;
+  const Graph g = trace(net, torch::randn({2, 3, 5, 7}));
+  INFO(g);
+  CHECK(g.barriers().size() == 1);  // the model's output only
+  const auto& mix = g.nodes()[node_of(g, "mix")];  // on [N·H·W, C]: matmul, then its bias
+  CHECK(mix.rule->kind == "Linear");
+  CHECK(g.units_of(mix.inputs.front()) == g.units_of(g.nodes()[node_of(g, "a")].output));
+  const auto& c = g.nodes()[node_of(g, "c")];
+  CHECK(g.values()[c.inputs.front()].channel_dim == 1);
+  CHECK(g.units_of(c.inputs.front()) == g.units_of(mix.output));
+  CHECK_FALSE(g.units()[g.units_of(mix.output).front()].fixed);
+}
+
+TEST_CASE("trace: an operation it does not know is a barrier that names what it protects", "[graph]") {
+  FlipNet net;
   const Graph g = trace(net, torch::randn({1, 3, 4, 4}));
   INFO(g);
   const auto barrier = std::find_if(g.barriers().begin(), g.barriers().end(),
-                                    [](const GraphBarrier& b) { return b.op == "TransposeBackward0"; });
+                                    [](const GraphBarrier& b) { return b.op == "FlipBackward0"; });
   REQUIRE(barrier != g.barriers().end());
   CHECK(std::find(barrier->layers.begin(), barrier->layers.end(), "b") != barrier->layers.end());
   CHECK(g.units()[g.units_of(g.nodes()[node_of(g, "b")].output).front()].fixed);

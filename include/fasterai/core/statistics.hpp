@@ -146,13 +146,10 @@ MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) 
   MacReport report;
   for (const auto& n : graph.nodes()) {
     const auto& shape = graph.values()[n.output].shape;
-    std::int64_t outputs = 1;  // per sample
-    for (std::size_t d = 1; d < shape.size(); ++d) outputs *= shape[d];
-    if (n.kind == OpKind::Conv2d) {
-      const auto& w = modules.at(n.module)->as<torch::nn::Conv2dImpl>()->weight;  // [out, in/groups, kh, kw]
-      report.layers.push_back({n.module, LayerKind::Conv2d, outputs * w.size(1) * w.size(2) * w.size(3)});
-    } else if (n.kind == OpKind::Linear) {
-      report.layers.push_back({n.module, LayerKind::Linear, outputs * modules.at(n.module)->as<torch::nn::LinearImpl>()->weight.size(1)});
+    if (n.kind == OpKind::Layer && n.rule->macs) {
+      const auto& layer = *modules.at(n.module);
+      const auto& in = n.inputs.empty() ? shape : graph.values()[n.inputs.front()].shape;
+      report.layers.push_back({n.module, kind_of(layer), n.rule->macs(layer, in, shape)});
     }
   }
   return report;

@@ -168,8 +168,8 @@ void plan_batch_norm(std::vector<LayerResize>& plan, std::ostringstream& problem
 }
 
 inline void apply_resize(const LayerResize& r) {
-  std::vector<std::pair<torch::Tensor*, torch::Tensor>> fresh;
-  for (const auto& [tensor, shape] : r.tensors) fresh.emplace_back(tensor, torch::empty(shape, tensor->options()));
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> fresh;
+  for (const auto& [tensor, shape] : r.tensors) fresh.emplace_back(*tensor, torch::empty(shape, tensor->options()));
   set_tensor_data(fresh);  // the file's values are copied in next
   set_layer_widths(*r.module, r.out, r.in, r.groups);
 }

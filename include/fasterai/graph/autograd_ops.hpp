@@ -23,6 +23,9 @@ enum class OpFamily {
   Mul,             // mul of tensors
   Div,             // division: only by a constant
   Concat,
+  Permute,         // transpose/permute: the channel dimension moves
+  Select,          // select/slice along a dimension: channel by channel unless along channels
+  Softmax,         // softmax/log_softmax: channel by channel unless over the channels
   BatchNorm,       // recognised by its module's parameters; listed for affine-less batch norms
   Unknown,
 };
@@ -33,7 +36,7 @@ struct OpName {
 };
 
 // Exact names (the trailing digit is the overload LibTorch generated).
-inline constexpr std::array<OpName, 46> autograd_ops{{
+inline constexpr std::array<OpName, 54> autograd_ops{{
     {"ReluBackward0", OpFamily::ZeroPreserving},
     {"ReluBackward1", OpFamily::ZeroPreserving},
     {"LeakyReluBackward0", OpFamily::ZeroPreserving},
@@ -80,6 +83,14 @@ inline constexpr std::array<OpName, 46> autograd_ops{{
     {"SubBackward0", OpFamily::Add},
     {"MulBackward0", OpFamily::Mul},
     {"CatBackward0", OpFamily::Concat},
+    {"TransposeBackward0", OpFamily::Permute},
+    {"PermuteBackward0", OpFamily::Permute},
+    {"SelectBackward0", OpFamily::Select},
+    {"SliceBackward0", OpFamily::Select},
+    {"SoftmaxBackward0", OpFamily::Softmax},
+    {"LogSoftmaxBackward0", OpFamily::Softmax},
+    {"GeluBackward1", OpFamily::ZeroPreserving},
+    {"ExpandBackward0", OpFamily::ZeroPreserving},  // same rank: broadcast over other dims
 }};
 
 inline OpFamily family_of(std::string_view name) {

@@ -36,14 +36,19 @@
 
 #include <torch/torch.h>
 
+#include <fasterai/layers/rule.hpp>
+
 namespace fasterai {
 
 // What an operation does to channels.
 enum class OpKind {
   Input,       // the model's input: its channels are never removed
-  Conv2d,      // a convolution (groups = 1 mixes all channels; grouped ones mix within groups)
-  Linear,      // mixes the input features into new output features
-  BatchNorm,   // per-channel affine with running statistics (BatchNorm2d, BatchNorm1d)
+  Layer,       // a module whose rule makes new channels from the ones it reads (Conv, Linear,
+               // Embedding; a grouped convolution mixes within groups)
+  Norm,        // a normalization module: channel by channel (BatchNorm), by groups (GroupNorm) or
+               // over all channels (LayerNorm: `across_channels`, removal approximate)
+  Parameter,   // a parameter of no layer used as data: a class token, a position embedding, a
+               // layer scale; its channels are those of the values it is added to or multiplies
   PerChannel,  // parameter-free and channel by channel: activations, pooling, dropout, views
   Add,         // elementwise sum or difference: zero only where every operand is zero
   Mul,         // elementwise product: zero where any operand is zero
@@ -55,9 +60,9 @@ enum class OpKind {
 constexpr std::string_view to_string(OpKind kind) {
   switch (kind) {
     case OpKind::Input: return "Input";
-    case OpKind::Conv2d: return "Conv2d";
-    case OpKind::Linear: return "Linear";
-    case OpKind::BatchNorm: return "BatchNorm";
+    case OpKind::Layer: return "Layer";
+    case OpKind::Norm: return "Norm";
+    case OpKind::Parameter: return "Parameter";
     case OpKind::PerChannel: return "PerChannel";
     case OpKind::Add: return "Add";
     case OpKind::Mul: return "Mul";
@@ -74,15 +79,23 @@ struct GraphNode {
   std::string module;  // qualified name of the module it belongs to; empty for functional ops
   std::vector<std::int64_t> inputs;  // values read, in operand order
   std::int64_t output = -1;          // the value produced
-  std::int64_t groups = 1;           // Conv2d: the convolution's groups
+  const LayerRule* rule = nullptr;   // Layer/Norm: the module's rule
+  std::int64_t groups = 1;           // Layer/Norm: channel groups coupling input and output
   bool zero_preserving = true;       // PerChannel: maps a zero channel to a zero channel
   bool constant_operand = false;     // Add/Mul: an operand that is not traced (a constant)
+  bool across_channels = false;      // Norm: statistics over all channels (LayerNorm)
+  std::string parameter;             // Parameter: its name in `module` ("class_token")
+  std::int64_t parameter_dim = -1;   // Parameter: the dimension of it that holds the channels
+  // Layer/Norm: whether it reads every input channel into every output channel (within its
+  // groups): a channel it reads is removable only when it reads zeros there.
+  bool mixes() const { return kind == OpKind::Layer; }
 };
 
 struct GraphValue {
   std::vector<std::int64_t> elements;  // one element per channel (per feature after Flatten)
   std::vector<std::int64_t> shape;     // traced graphs only: the tensor's shape
   std::int64_t producer = -1;          // the node that made it
+  std::int64_t channel_dim = 1;        // traced graphs only: the dimension of `shape` holding them
   std::int64_t channels() const { return static_cast<std::int64_t>(elements.size()); }
 };
 
@@ -94,12 +107,14 @@ struct GraphBarrier {
 
 // A set of channels (one per layer it touches) removed or kept as one.
 struct ChannelUnit {
-  bool fixed = false;       // an input, output or barrier holds one of its channels
-  std::int64_t group = -1;  // its coupled group
+  bool fixed = false;        // an input, output or barrier holds one of its channels
+  bool approximate = false;  // a norm over all channels (LayerNorm) reads it: removing it
+                             // changes that norm's statistics
+  std::int64_t group = -1;   // its coupled group
 };
 
 struct CoupledGroup {
-  std::vector<std::string> producers;  // Conv2d/Linear layers whose outputs it holds
+  std::vector<std::string> producers;  // layers (and free parameters) whose outputs it holds
   std::vector<std::int64_t> units;     // in element order of the first producer
 };
 
@@ -110,8 +125,8 @@ class Graph {
   std::int64_t input() const { return input_; }
   std::int64_t output() const { return output_; }
   const std::vector<GraphBarrier>& barriers() const { return barriers_; }
-  // Conv2d/Linear/BatchNorm modules of the model that the forward pass never reached: their
-  // channels are not analysed, so nothing removes them.
+  // Modules with a layer rule that the forward pass never reached: their channels are not
+  // analysed, so nothing removes them.
   const std::vector<std::string>& untraced_layers() const { return untraced_; }
 
   std::int64_t unit_of(std::int64_t element) const { return unit_of_[element]; }
@@ -152,6 +167,22 @@ class Graph {
   std::vector<CoupledGroup> groups_;
 };
 
+inline GraphNode make_node(OpKind kind, std::string op, std::string module, std::vector<std::int64_t> inputs,
+                           std::int64_t output) {
+  GraphNode n;
+  n.kind = kind;
+  n.op = std::move(op);
+  n.module = std::move(module);
+  n.inputs = std::move(inputs);
+  n.output = output;
+  return n;
+}
+
+// The qualified name of a Parameter node's tensor ("encoder.pos_embedding").
+inline std::string parameter_name(const GraphNode& n) {
+  return n.module.empty() ? n.parameter : n.module + "." + n.parameter;
+}
+
 inline std::ostream& operator<<(std::ostream& os, const Graph& g) {
   for (std::size_t i = 0; i < g.nodes().size(); ++i) {
     const auto& n = g.nodes()[i];
@@ -173,47 +204,62 @@ inline std::ostream& operator<<(std::ostream& os, const Graph& g) {
 // returned by each call.
 class GraphBuilder {
  public:
-  std::int64_t input(std::int64_t channels, std::vector<std::int64_t> shape = {}) {
-    auto v = fresh_value(channels, std::move(shape));
+  std::int64_t input(std::int64_t channels, std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = fresh_value(channels, std::move(shape), channel_dim);
     fix(v);
-    graph_.input_ = add_node({OpKind::Input, "input", "", {}, v}, v);
+    graph_.input_ = add_node(make_node(OpKind::Input, "input", "", {}, v), v);
     return v;
   }
 
-  // A Conv2d or Linear layer reading `in` and making `out_channels` new channels.
-  std::int64_t layer(OpKind kind, std::string op, std::string module, std::int64_t in,
+  // A layer (its rule's role is Producer) reading `in` (-1: it reads no channels, an
+  // Embedding's indices) and making `out_channels` new channels.
+  std::int64_t layer(const LayerRule* rule, std::string op, std::string module, std::int64_t in,
                      std::int64_t out_channels, std::int64_t groups = 1,
-                     std::vector<std::int64_t> shape = {}) {
-    auto v = fresh_value(out_channels, std::move(shape));
-    if (groups > 1) {
-      const auto& ins = graph_.values_[in].elements;
-      const auto in_per = static_cast<std::int64_t>(ins.size()) / groups;
-      const auto out_per = out_channels / groups;
-      for (std::int64_t g = 0; g < groups; ++g) {
-        const auto anchor = graph_.values_[v].elements[g * out_per];
-        for (std::int64_t k = 0; k < out_per; ++k) join(anchor, graph_.values_[v].elements[g * out_per + k]);
-        for (std::int64_t k = 0; k < in_per; ++k) join(anchor, ins[g * in_per + k]);
-      }
-    }
-    GraphNode n{kind, std::move(op), module, {in}, v};
+                     std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = fresh_value(out_channels, std::move(shape), channel_dim);
+    if (groups > 1 && in >= 0) join_groups(graph_.values_[in].elements, graph_.values_[v].elements, groups);
+    GraphNode n = make_node(OpKind::Layer, std::move(op), module, {}, v);
+    if (in >= 0) n.inputs.push_back(in);
+    n.rule = rule;
     n.groups = groups;
-    couple_shared_call(module, in, v);
+    if (in >= 0) couple_shared_call(module, in, v);
     add_node(std::move(n), v);
     return v;
   }
 
-  std::int64_t batch_norm(std::string op, std::string module, std::int64_t in,
-                          std::vector<std::int64_t> shape = {}) {
-    auto v = alias_value(in, std::move(shape));
+  // A normalization module: the output has the input's channels; `groups` > 1 makes each
+  // group's channels one unit (GroupNorm); `across_channels` marks them approximate (LayerNorm).
+  std::int64_t norm(const LayerRule* rule, std::string op, std::string module, std::int64_t in,
+                    std::int64_t groups = 1, bool across_channels = false,
+                    std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = alias_value(in, std::move(shape), channel_dim);
+    if (groups > 1) join_groups(graph_.values_[in].elements, graph_.values_[v].elements, groups);
+    if (across_channels)
+      for (auto e : graph_.values_[v].elements) approximate_.push_back(e);
     couple_shared_call(module, in, v);
-    add_node({OpKind::BatchNorm, std::move(op), std::move(module), {in}, v}, v);
+    GraphNode n = make_node(OpKind::Norm, std::move(op), std::move(module), {in}, v);
+    n.rule = rule;
+    n.groups = groups;
+    n.across_channels = across_channels;
+    add_node(std::move(n), v);
+    return v;
+  }
+
+  // A parameter of no layer, used as data with `channels` channels on its dimension `dim`.
+  std::int64_t parameter(std::string module, std::string name, std::int64_t dim, std::int64_t channels,
+                         std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = fresh_value(channels, std::move(shape), channel_dim);
+    GraphNode n = make_node(OpKind::Parameter, "parameter", std::move(module), {}, v);
+    n.parameter = std::move(name);
+    n.parameter_dim = dim;
+    add_node(std::move(n), v);
     return v;
   }
 
   std::int64_t per_channel(std::string op, std::int64_t in, bool zero_preserving,
-                           std::vector<std::int64_t> shape = {}) {
-    auto v = alias_value(in, std::move(shape));
-    GraphNode n{OpKind::PerChannel, std::move(op), "", {in}, v};
+                           std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = alias_value(in, std::move(shape), channel_dim);
+    GraphNode n = make_node(OpKind::PerChannel, std::move(op), "", {in}, v);
     n.zero_preserving = zero_preserving;
     add_node(std::move(n), v);
     return v;
@@ -222,7 +268,8 @@ class GraphBuilder {
   // add/sub (kind Add) or mul (kind Mul) of same-channel operands; `constant_operand` when an
   // operand is not traced. Operands broadcast over channels (one channel) are kept as they are.
   std::int64_t elementwise(OpKind kind, std::string op, std::vector<std::int64_t> operands,
-                           bool constant_operand, std::vector<std::int64_t> shape = {}) {
+                           bool constant_operand, std::vector<std::int64_t> shape = {},
+                           std::int64_t channel_dim = 1) {
     std::int64_t channels = 0;
     for (auto o : operands) channels = std::max(channels, graph_.values_[o].channels());
     std::vector<std::int64_t> full;
@@ -234,11 +281,11 @@ class GraphBuilder {
         constant_operand = true;
       }
     }
-    auto v = alias_value(full.front(), std::move(shape));
+    auto v = alias_value(full.front(), std::move(shape), channel_dim);
     for (std::size_t k = 1; k < full.size(); ++k)
       for (std::int64_t c = 0; c < channels; ++c)
         join(graph_.values_[full[0]].elements[c], graph_.values_[full[k]].elements[c]);
-    GraphNode n{kind, std::move(op), "", operands, v};
+    GraphNode n = make_node(kind, std::move(op), "", operands, v);
     n.constant_operand = constant_operand;
     add_node(std::move(n), v);
     return v;
@@ -246,33 +293,34 @@ class GraphBuilder {
 
   // Channels of `operands` side by side (cat along the channel dimension).
   std::int64_t concat(std::string op, const std::vector<std::int64_t>& operands,
-                      std::vector<std::int64_t> shape = {}) {
-    auto v = new_value(std::move(shape));
+                      std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = new_value(std::move(shape), channel_dim);
     for (auto o : operands) {
       const auto& e = graph_.values_[o].elements;
       graph_.values_[v].elements.insert(graph_.values_[v].elements.end(), e.begin(), e.end());
     }
-    add_node({OpKind::Concat, std::move(op), "", operands, v}, v);
+    add_node(make_node(OpKind::Concat, std::move(op), "", operands, v), v);
     return v;
   }
 
   // Each channel of `in` becomes `block` consecutive features.
   std::int64_t flatten(std::string op, std::int64_t in, std::int64_t block,
-                       std::vector<std::int64_t> shape = {}) {
-    auto v = new_value(std::move(shape));
+                       std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = new_value(std::move(shape), channel_dim);
     for (auto e : graph_.values_[in].elements)
       graph_.values_[v].elements.insert(graph_.values_[v].elements.end(), static_cast<std::size_t>(block), e);
-    add_node({OpKind::Flatten, std::move(op), "", {in}, v}, v);
+    add_node(make_node(OpKind::Flatten, std::move(op), "", {in}, v), v);
     return v;
   }
 
   // An operation whose effect on channels is not known: everything around it is kept.
   std::int64_t barrier(std::string op, std::string module, const std::vector<std::int64_t>& operands,
-                       std::int64_t out_channels, std::vector<std::int64_t> shape = {}) {
-    auto v = fresh_value(std::max<std::int64_t>(out_channels, 0), std::move(shape));
+                       std::int64_t out_channels, std::vector<std::int64_t> shape = {},
+                       std::int64_t channel_dim = 1) {
+    auto v = fresh_value(std::max<std::int64_t>(out_channels, 0), std::move(shape), channel_dim);
     for (auto o : operands) fix(o);
     fix(v);
-    add_node({OpKind::Barrier, op, std::move(module), operands, v}, v);
+    add_node(make_node(OpKind::Barrier, op, std::move(module), operands, v), v);
     pending_barriers_.push_back({std::move(op), operands, v});
     return v;
   }
@@ -286,6 +334,7 @@ class GraphBuilder {
   void untraced(std::string layer) { graph_.untraced_.push_back(std::move(layer)); }
 
   const GraphValue& value(std::int64_t v) const { return graph_.values_[v]; }
+  const GraphNode& node(std::int64_t n) const { return graph_.nodes_[n]; }
 
   // Resolve units and coupled groups; the builder is spent afterwards.
   Graph finish() &&;
@@ -297,12 +346,12 @@ class GraphBuilder {
     std::int64_t output;
   };
 
-  std::int64_t new_value(std::vector<std::int64_t> shape) {
-    graph_.values_.push_back({{}, std::move(shape), -1});
+  std::int64_t new_value(std::vector<std::int64_t> shape, std::int64_t channel_dim = 1) {
+    graph_.values_.push_back({{}, std::move(shape), -1, channel_dim});
     return static_cast<std::int64_t>(graph_.values_.size()) - 1;
   }
-  std::int64_t fresh_value(std::int64_t channels, std::vector<std::int64_t> shape) {
-    auto v = new_value(std::move(shape));
+  std::int64_t fresh_value(std::int64_t channels, std::vector<std::int64_t> shape, std::int64_t channel_dim = 1) {
+    auto v = new_value(std::move(shape), channel_dim);
     auto& e = graph_.values_[v].elements;
     e.resize(static_cast<std::size_t>(channels));
     for (auto& x : e) {
@@ -311,8 +360,8 @@ class GraphBuilder {
     }
     return v;
   }
-  std::int64_t alias_value(std::int64_t in, std::vector<std::int64_t> shape = {}) {
-    auto v = new_value(std::move(shape));
+  std::int64_t alias_value(std::int64_t in, std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = new_value(std::move(shape), channel_dim);
     graph_.values_[v].elements = graph_.values_[in].elements;
     return v;
   }
@@ -329,6 +378,16 @@ class GraphBuilder {
   void join(std::int64_t a, std::int64_t b) {
     a = find(a), b = find(b);
     if (a != b) parent_[std::max(a, b)] = std::min(a, b);
+  }
+  // Each of `groups` consecutive blocks of `in` and of `out` becomes one element set.
+  void join_groups(const std::vector<std::int64_t>& in, const std::vector<std::int64_t>& out, std::int64_t groups) {
+    const auto in_per = static_cast<std::int64_t>(in.size()) / groups;
+    const auto out_per = static_cast<std::int64_t>(out.size()) / groups;
+    for (std::int64_t g = 0; g < groups; ++g) {
+      const auto anchor = out[g * out_per];
+      for (std::int64_t k = 0; k < out_per; ++k) join(anchor, out[g * out_per + k]);
+      for (std::int64_t k = 0; k < in_per; ++k) join(anchor, in[g * in_per + k]);
+    }
   }
   void fix(std::int64_t v) {
     for (auto e : graph_.values_[v].elements) fixed_.push_back(e);
@@ -350,6 +409,7 @@ class GraphBuilder {
   Graph graph_;
   std::vector<std::int64_t> parent_;
   std::vector<std::int64_t> fixed_;
+  std::vector<std::int64_t> approximate_;
   std::vector<PendingBarrier> pending_barriers_;
   std::map<std::string, std::pair<std::int64_t, std::int64_t>> first_call_;
 };
@@ -369,12 +429,14 @@ inline Graph GraphBuilder::finish() && {
     g.unit_of_[e] = unit_of_root[r];
   }
   for (auto e : fixed_) g.units_[g.unit_of_[e]].fixed = true;
+  for (auto e : approximate_) g.units_[g.unit_of_[e]].approximate = true;
 
   // Coupled groups: units with the same producing layers.
   std::vector<std::set<std::string>> producers(g.units_.size());
   for (const auto& n : g.nodes_)
-    if (n.kind == OpKind::Conv2d || n.kind == OpKind::Linear)
-      for (auto e : g.values_[n.output].elements) producers[g.unit_of_[e]].insert(n.module);
+    if (n.kind == OpKind::Layer || n.kind == OpKind::Parameter)
+      for (auto e : g.values_[n.output].elements)
+        producers[g.unit_of_[e]].insert(n.kind == OpKind::Layer ? n.module : parameter_name(n));
   std::map<std::set<std::string>, std::int64_t> group_of;
   for (std::size_t u = 0; u < g.units_.size(); ++u) {
     auto [it, added] = group_of.try_emplace(producers[u], static_cast<std::int64_t>(g.groups_.size()));

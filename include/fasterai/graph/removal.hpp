@@ -7,7 +7,7 @@
 // channels (a Conv2d with groups = 1, a Linear) reads exact zeros from it, whatever the input.
 // Which channels are exact zeros follows from the layers that make them, value by value in
 // execution order: a Conv2d/Linear output channel is zero when its filter and bias are, a
-// BatchNorm's when γ = β = 0; zero-preserving operations pass zeros on; a sum is zero where all
+// norm's when γ = β = 0, a free parameter's where it is zero; zero-preserving operations pass zeros on; a sum is zero where all
 // operands are, a product where one is.
 
 #include <algorithm>
@@ -19,7 +19,7 @@
 
 namespace fasterai::detail {
 
-// Which output channels of a Conv2d, Linear or BatchNorm node are exact zeros.
+// Which output channels of a Layer, Norm or Parameter node are exact zeros.
 using ZeroOutputs = std::function<std::vector<char>(const GraphNode&)>;
 
 // For each value of the graph, which channels are exact zeros.
@@ -30,9 +30,9 @@ inline std::vector<std::vector<char>> zero_channels(const Graph& g, const ZeroOu
     const auto channels = static_cast<std::size_t>(g.values()[n.output].channels());
     out.assign(channels, 0);
     switch (n.kind) {
-      case OpKind::Conv2d:
-      case OpKind::Linear:
-      case OpKind::BatchNorm:
+      case OpKind::Layer:
+      case OpKind::Norm:
+      case OpKind::Parameter:
         out = zero_outputs(n);
         break;
       case OpKind::PerChannel:
@@ -71,12 +71,16 @@ inline std::vector<std::vector<char>> zero_channels(const Graph& g, const ZeroOu
 }
 
 // Units whose removal is exact given which channels are zeros: nothing holds them, and every
-// layer that mixes them reads zeros.
-inline std::vector<char> removable_units(const Graph& g, const std::vector<std::vector<char>>& zero) {
+// layer that mixes them reads zeros. With `approximate`, units a LayerNorm normalises over count
+// too (its statistics then change: fine-tune afterwards).
+inline std::vector<char> removable_units(const Graph& g, const std::vector<std::vector<char>>& zero,
+                                         bool approximate = false) {
   std::vector<char> removable(g.units().size());
-  for (std::size_t u = 0; u < g.units().size(); ++u) removable[u] = !g.units()[u].fixed;
+  for (std::size_t u = 0; u < g.units().size(); ++u)
+    removable[u] = !g.units()[u].fixed && (approximate || !g.units()[u].approximate);
   for (const auto& n : g.nodes()) {
-    const bool mixes = n.kind == OpKind::Linear || (n.kind == OpKind::Conv2d && n.groups == 1);
+    // A grouped layer's input channels are one unit with its outputs: they go together.
+    const bool mixes = n.kind == OpKind::Layer && n.groups == 1 && !n.inputs.empty();
     if (!mixes) continue;
     const auto in = n.inputs.front();
     const auto units = g.units_of(in);

@@ -16,8 +16,29 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/layer_walk.hpp>
 #include <fasterai/graph/graph.hpp>
+#include <fasterai/layers/registry.hpp>
 
 namespace fasterai {
+
+namespace detail {
+
+// A layer's channels as its rule says: read (input) and made (output), and whether it works on
+// flat [N, features] tensors.
+struct StaticWidths {
+  std::int64_t in = 0, out = 0;
+  bool flat = false;
+};
+inline StaticWidths static_widths(const LayerRule& rule, const torch::nn::Module& m) {
+  const auto& w = rule.tensors.front();
+  const torch::Tensor weight = layer_tensor(m, w.name);
+  const torch::Tensor any = weight.defined() ? weight : layer_tensor(m, "running_mean");
+  if (!any.defined()) return {};
+  const auto out = any.size(weight.defined() ? w.out_dim : 0);
+  const auto in = rule.role == LayerRole::Producer && w.in_dim >= 0 ? weight.size(w.in_dim) * groups_of(rule, m) : out;
+  return {in, out, rule.channel_dim < 0 || (rule.channel_dim == 1 && rule.rank == 0 && rule.role != LayerRole::Producer)};
+}
+
+}  // namespace detail
 
 template <sequential_like Model>
 Graph graph_of(const Model& model) {
@@ -28,20 +49,10 @@ Graph graph_of(const Model& model) {
   std::int64_t in_channels = 1;
   bool flat = false;  // the value is [N, features], not [N, C, H, W]
   for (const Layer& l : all) {
-    if (const auto* c = l.as<torch::nn::Conv2dImpl>()) {
-      in_channels = c->options.in_channels();
-      break;
-    }
-    if (const auto* li = l.as<torch::nn::LinearImpl>()) {
-      in_channels = li->options.in_features(), flat = true;
-      break;
-    }
-    if (const auto* bn = l.as<torch::nn::BatchNorm2dImpl>()) {
-      in_channels = bn->options.num_features();
-      break;
-    }
-    if (const auto* bn1 = l.as<torch::nn::BatchNorm1dImpl>()) {
-      in_channels = bn1->options.num_features(), flat = true;
+    if (const LayerRule* rule = rule_of(*l.handle)) {
+      const auto w = detail::static_widths(*rule, *l.handle);
+      if (w.in == 0) continue;
+      in_channels = w.in, flat = w.flat;
       break;
     }
   }
@@ -52,39 +63,21 @@ Graph graph_of(const Model& model) {
   for (std::size_t i = 0; i < all.size(); ++i) {
     const Layer& l = all[i];
     const std::int64_t channels = b.value(v).channels();
+    if (const LayerRule* rule = rule_of(*l.handle)) {
+      const auto w = detail::static_widths(*rule, *l.handle);
+      const bool affine = detail::layer_tensor(*l.handle, rule->tensors.front().name).defined();
+      const auto groups = detail::groups_of(*rule, *l.handle);
+      if (w.flat != flat || w.in != channels || !affine || w.in == 0) {
+        barrier(l, w.out > 0 ? w.out : channels);
+      } else if (rule->role == LayerRole::Producer) {
+        v = b.layer(rule, rule->kind, l.name, v, w.out, groups);
+      } else {
+        v = b.norm(rule, rule->kind, l.name, v, groups, rule->role == LayerRole::Normalizing);
+      }
+      flat = w.flat || flat;
+      continue;
+    }
     switch (l.kind) {
-      case LayerKind::Conv2d: {
-        const auto& o = l.as<torch::nn::Conv2dImpl>()->options;
-        if (flat || o.in_channels() != channels) {
-          barrier(l, o.out_channels());
-        } else {
-          v = b.layer(OpKind::Conv2d, "Conv2d", l.name, v, o.out_channels(), o.groups());
-        }
-        break;
-      }
-      case LayerKind::Linear: {
-        const auto& o = l.as<torch::nn::LinearImpl>()->options;
-        if (!flat || o.in_features() != channels) {
-          barrier(l, o.out_features());
-          flat = true;
-        } else {
-          v = b.layer(OpKind::Linear, "Linear", l.name, v, o.out_features());
-        }
-        break;
-      }
-      case LayerKind::BatchNorm2d:
-      case LayerKind::BatchNorm1d: {
-        const bool two_d = l.kind == LayerKind::BatchNorm2d;
-        const auto features = two_d ? l.as<torch::nn::BatchNorm2dImpl>()->options.num_features()
-                                    : l.as<torch::nn::BatchNorm1dImpl>()->options.num_features();
-        const bool affine = two_d ? l.as<torch::nn::BatchNorm2dImpl>()->options.affine()
-                                  : l.as<torch::nn::BatchNorm1dImpl>()->options.affine();
-        if (features != channels || flat == two_d || !affine)
-          barrier(l, channels);
-        else
-          v = b.batch_norm(std::string(to_string(l.kind)), l.name, v);
-        break;
-      }
       case LayerKind::ReLU:
       case LayerKind::MaxPool2d:
       case LayerKind::AvgPool2d:
@@ -113,7 +106,7 @@ Graph graph_of(const Model& model) {
         flat = true;
         break;
       }
-      case LayerKind::Other:
+      default:
         barrier(l, channels);
         break;
     }

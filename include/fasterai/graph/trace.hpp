@@ -15,6 +15,7 @@
 // restored afterwards, so nothing of the model changes. Tracing records the path taken for this
 // input: a forward that branches on the data may take another path for another input.
 
+#include <bit>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -34,6 +35,7 @@
 #include <fasterai/core/error.hpp>
 #include <fasterai/graph/autograd_ops.hpp>
 #include <fasterai/graph/graph.hpp>
+#include <fasterai/layers/registry.hpp>
 
 namespace fasterai {
 
@@ -46,12 +48,6 @@ concept traceable = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
 namespace detail {
 
 inline constexpr const char* trace_where = "fasterai::trace";
-
-// The module a parameter belongs to, found by the parameter's tensor.
-struct ParameterOwner {
-  std::string module;                          // qualified name, "" for the root
-  std::shared_ptr<torch::nn::Module> handle;
-};
 
 // Restores what tracing changes on the model: train/eval mode of every submodule and
 // requires_grad of every parameter.
@@ -95,23 +91,51 @@ inline std::vector<std::int64_t> output_shape(const torch::autograd::Node& node,
   return shape_of(node.input_metadata(nr));
 }
 
-inline std::int64_t channels_of(const std::vector<std::int64_t>& shape) {
-  return shape.size() >= 2 ? shape[1] : 0;
+inline std::int64_t channels_of(const std::vector<std::int64_t>& shape, std::int64_t channel_dim = 1) {
+  return channel_dim >= 0 && channel_dim < static_cast<std::int64_t>(shape.size()) ? shape[channel_dim] : 0;
 }
 
-inline std::int64_t product(const std::vector<std::int64_t>& v, std::size_t from) {
+inline std::int64_t product(const std::vector<std::int64_t>& v, std::size_t from, std::size_t to = SIZE_MAX) {
   std::int64_t p = 1;
-  for (std::size_t i = from; i < v.size(); ++i) p *= v[i];
+  for (std::size_t i = from; i < std::min(to, v.size()); ++i) p *= v[i];
   return p;
+}
+
+// A dimension counted from the end (-1) as a dimension of a tensor of `rank`.
+inline std::int64_t wrap_dim(std::int64_t dim, std::size_t rank) {
+  return dim < 0 ? dim + static_cast<std::int64_t>(rank) : dim;
+}
+
+// Where the channels on dimension `cd` of `in` go in a reshape to `out`: the dimension of `out`
+// that holds them unchanged (-1 if none), or, through `block`, the dimension into which they
+// were flattened with the dimensions after them (each channel becoming `block` features).
+struct ViewMap {
+  std::int64_t dim = -1;
+  std::int64_t block = 1;
+};
+inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, const std::vector<std::int64_t>& out) {
+  const auto before = product(in, 0, static_cast<std::size_t>(cd));
+  std::int64_t p = 1;
+  for (std::size_t j = 0; j < out.size(); ++j) {
+    if (p == before) {
+      if (out[j] == in[cd]) return {static_cast<std::int64_t>(j), 1};
+      // flattened with every dimension after it: [N, C, H, W] -> [N, C·H·W]
+      if (j + 1 == out.size() && out[j] == product(in, static_cast<std::size_t>(cd))) return {static_cast<std::int64_t>(j), product(in, static_cast<std::size_t>(cd) + 1)};
+    }
+    if (p > before) break;
+    p *= out[j];
+  }
+  return {};
 }
 
 class Tracer {
  public:
   Tracer(torch::nn::Module& model, const torch::Tensor& input) {
     for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+      const LayerRule* rule = rule_of(*item.value());
       for (const auto& p : item.value()->named_parameters(/*recurse=*/false))
-        owners_[p.value().unsafeGetTensorImpl()] = {item.key(), item.value()};
-      if (is_channel_layer(*item.value())) layers_.push_back(item.key());
+        if (p.value().defined()) owners_[p.value().unsafeGetTensorImpl()] = {item.key(), p.key(), item.value(), rule};
+      if (rule) layers_.push_back(item.key());
     }
     input_shape_ = input.sizes().vec();
   }
@@ -145,10 +169,13 @@ class Tracer {
  private:
   using Key = std::pair<const torch::autograd::Node*, std::uint32_t>;
 
-  static bool is_channel_layer(const torch::nn::Module& m) {
-    return m.as<torch::nn::Conv2dImpl>() || m.as<torch::nn::LinearImpl>() ||
-           m.as<torch::nn::BatchNorm2dImpl>() || m.as<torch::nn::BatchNorm1dImpl>();
-  }
+  // The module a parameter belongs to, found by the parameter's tensor.
+  struct Owner {
+    std::string module;                          // qualified name, "" for the root
+    std::string parameter;                       // its name in the module
+    std::shared_ptr<torch::nn::Module> handle;
+    const LayerRule* rule = nullptr;             // the module's rule, nullptr: a free parameter
+  };
 
   static bool is_leaf(const torch::autograd::Node& n) {
     return dynamic_cast<const torch::autograd::AccumulateGrad*>(&n) != nullptr;
@@ -174,13 +201,19 @@ class Tracer {
     return it == data_.end() ? -1 : it->second;
   }
 
+  const Owner* owner_of(const torch::autograd::Node* fn) const {
+    const auto* acc = dynamic_cast<const torch::autograd::AccumulateGrad*>(fn);
+    if (acc == nullptr) return nullptr;
+    auto it = owners_.find(acc->variable.unsafeGetTensorImpl());
+    return it == owners_.end() ? nullptr : &it->second;
+  }
+
   // The parameters an operand reaches without passing through data (a weight, or a weight
   // transposed by the linear kernel).
-  void parameters_behind(const torch::autograd::Node* fn, std::set<const ParameterOwner*>& out) const {
+  void parameters_behind(const torch::autograd::Node* fn, std::set<const Owner*>& out) const {
     if (fn == nullptr) return;
-    if (const auto* acc = dynamic_cast<const torch::autograd::AccumulateGrad*>(fn)) {
-      auto it = owners_.find(acc->variable.unsafeGetTensorImpl());
-      if (it != owners_.end()) out.insert(&it->second);
+    if (is_leaf(*fn)) {
+      if (const auto* o = owner_of(fn)) out.insert(o);
       return;
     }
     if (data_nodes_.count(fn)) return;
@@ -193,27 +226,63 @@ class Tracer {
     return false;
   }
 
+  // A free parameter read directly or through an expand (a class token expanded over the
+  // batch): its owner and the shape it has at the operation.
+  std::pair<const Owner*, std::vector<std::int64_t>> free_parameter(const torch::autograd::Edge& e) const {
+    const torch::autograd::Node* fn = e.function.get();
+    if (fn == nullptr) return {};
+    const Owner* o = owner_of(fn);
+    if (o == nullptr && fn->name() == "ExpandBackward0" && fn->next_edges().size() == 1)
+      o = owner_of(fn->next_edges()[0].function.get());
+    if (o == nullptr || o->rule != nullptr) return {};
+    return {o, output_shape(*fn, e.input_nr)};
+  }
+
   void visit(const torch::autograd::Node& n) {
     see_further_outputs(n);
-    if (!reads_data(n)) return;  // a transform of parameters only (the transposed weight)
+    if (!reads_data(n)) {
+      embedding(n);
+      return;  // otherwise a transform of parameters only (the transposed weight)
+    }
     data_nodes_.insert(&n);
-    std::vector<std::int64_t> operands;
-    bool constant = false;
-    std::set<const ParameterOwner*> params;
+    Operands ops;
+    std::set<const Owner*> params;
     for (const auto& e : n.next_edges()) {
       const auto v = value_of(e.function.get(), e.input_nr);
       if (v >= 0) {
-        operands.push_back(v);
-      } else {
-        const auto before = params.size();
-        parameters_behind(e.function.get(), params);
-        if (params.size() == before && e.function) constant = true;  // a tensor with no owner
-        if (!e.function) constant = true;                              // a constant operand
+        ops.values.push_back(v);
+        ops.data.push_back(v);
+        continue;
       }
+      if (auto [owner, shape] = free_parameter(e); owner) {
+        reached_.insert(owner->module);
+        ops.values.push_back(-1);  // made once the channel dimension is known
+        ops.free.push_back({ops.values.size() - 1, owner, shape});
+        continue;
+      }
+      const auto before = params.size();
+      parameters_behind(e.function.get(), params);
+      if (params.size() == before) ops.constant = true;  // a tensor with no owner, or none
     }
     const auto shape = output_shape(n, 0);
-    data_[{&n, 0}] = params.empty() ? functional(n, operands, constant, shape)
-                                    : with_parameters(n, operands, params, shape);
+    data_[{&n, 0}] = params.empty() ? functional(n, ops, shape) : with_parameters(n, ops.data, params, shape);
+  }
+
+  // An Embedding's lookup: a layer that reads indices, not channels.
+  void embedding(const torch::autograd::Node& n) {
+    std::set<const Owner*> params;
+    for (const auto& e : n.next_edges()) parameters_behind(e.function.get(), params);
+    if (params.size() != 1) return;
+    const Owner& o = **params.begin();
+    if (!o.rule || o.rule->role != LayerRole::Producer) return;
+    for (const auto& t : o.rule->tensors)
+      if (t.in_dim >= 0) return;  // a layer that reads channels: here only its weight is transformed
+    const auto shape = output_shape(n, 0);
+    if (shape.empty()) return;
+    const auto cd = wrap_dim(o.rule->channel_dim, shape.size());
+    reached_.insert(o.module);
+    data_nodes_.insert(&n);
+    data_[{&n, 0}] = builder_.layer(o.rule, n.name(), o.module, -1, channels_of(shape, cd), 1, shape, cd);
   }
 
   // The value of an edge into a traced node's further outputs (a split's pieces), which are
@@ -228,109 +297,212 @@ class Tracer {
   }
 
   std::int64_t with_parameters(const torch::autograd::Node& n, const std::vector<std::int64_t>& operands,
-                               const std::set<const ParameterOwner*>& params,
-                               const std::vector<std::int64_t>& shape) {
+                               const std::set<const Owner*>& params, const std::vector<std::int64_t>& shape) {
     std::set<std::string> modules;
     for (const auto* p : params) modules.insert(p->module);
-    const ParameterOwner& owner = **params.begin();
-    const auto& m = *owner.handle;
+    const Owner& owner = **params.begin();
+    const LayerRule* rule = owner.rule;
     const std::int64_t in = operands.size() == 1 ? operands.front() : -1;
-    if (modules.size() == 1 && in >= 0) {
-      const auto& in_shape = builder_.value(in).shape;
-      if (const auto* conv = m.as<torch::nn::Conv2dImpl>();
-          conv && shape.size() == 4 && in_shape.size() == 4) {
+    if (modules.size() == 1 && rule && in >= 0 && !shape.empty()) {
+      const auto& iv = builder_.value(in);
+      const auto& in_shape = iv.shape;
+      const auto rank = static_cast<std::int64_t>(shape.size());
+      const auto in_cd = wrap_dim(rule->channel_dim, in_shape.size());
+      const auto out_cd = wrap_dim(rule->channel_dim, shape.size());
+      const bool ranks = rule->rank == 0 || (rank == rule->rank && static_cast<std::int64_t>(in_shape.size()) == rule->rank);
+      const auto& m = *owner.handle;
+      const auto groups = detail::groups_of(*rule, m);
+      // A bias added after a matrix product (a Linear on a non-contiguous token tensor): part of
+      // the layer whose product it follows.
+      if (family_of(n.name()) == OpFamily::Add && made_by(in, owner.module) && shape == in_shape)
+        return builder_.per_channel(n.name(), in, true, shape, iv.channel_dim);
+      if (ranks && iv.channel_dim == in_cd && in_shape.size() >= 2) {
         reached_.insert(owner.module);
-        return builder_.layer(OpKind::Conv2d, n.name(), owner.module, in, shape[1],
-                              conv->options.groups(), shape);
-      }
-      if (m.as<torch::nn::LinearImpl>() && shape.size() == 2 && in_shape.size() == 2) {
-        reached_.insert(owner.module);
-        return builder_.layer(OpKind::Linear, n.name(), owner.module, in, shape[1], 1, shape);
-      }
-      if ((m.as<torch::nn::BatchNorm2dImpl>() || m.as<torch::nn::BatchNorm1dImpl>()) &&
-          shape == in_shape && shape.size() >= 2) {
-        reached_.insert(owner.module);
-        return builder_.batch_norm(n.name(), owner.module, in, shape);
+        if (rule->role == LayerRole::Producer && iv.channels() % groups == 0)
+          return builder_.layer(rule, n.name(), owner.module, in, channels_of(shape, out_cd), groups, shape, out_cd);
+        if (rule->role != LayerRole::Producer && shape == in_shape && iv.channels() % groups == 0)
+          return builder_.norm(rule, n.name(), owner.module, in, groups, rule->role == LayerRole::Normalizing,
+                               shape, out_cd);
       }
     }
     for (const auto& name : modules) reached_.insert(name);
     return builder_.barrier(n.name(), owner.module, operands, channels_of(shape), shape);
   }
 
-  std::int64_t functional(const torch::autograd::Node& n, const std::vector<std::int64_t>& operands,
-                          bool constant, const std::vector<std::int64_t>& shape) {
+  // Whether a value is the output of the layer `module`, possibly reshaped since.
+  bool made_by(std::int64_t v, const std::string& module) const {
+    for (auto p = builder_.value(v).producer; p >= 0;) {
+      const auto& node = builder_.node(p);
+      if (node.kind == OpKind::Layer) return node.module == module;
+      if (node.kind != OpKind::PerChannel || node.inputs.empty()) return false;
+      p = builder_.value(node.inputs.front()).producer;
+    }
+    return false;
+  }
+
+  struct FreeOperand {
+    std::size_t position;  // in Operands::values
+    const Owner* owner;
+    std::vector<std::int64_t> shape;  // as the operation sees it
+  };
+  struct Operands {
+    std::vector<std::int64_t> values;  // in operand order; -1 for free parameters not made yet
+    std::vector<std::int64_t> data;    // the traced values among them
+    std::vector<FreeOperand> free;
+    bool constant = false;             // an operand that is neither (a constant tensor)
+  };
+
+  std::int64_t functional(const torch::autograd::Node& n, Operands& ops, const std::vector<std::int64_t>& shape) {
     const std::string name = n.name();
-    const auto barrier = [&] { return builder_.barrier(name, "", operands, channels_of(shape), shape); };
-    if (operands.empty() || shape.size() < 2) return barrier();
+    const auto& operands = ops.data;
+    const auto rank = shape.size();
+    const auto barrier = [&] {
+      for (auto& f : ops.free) reached_.insert(f.owner->module);
+      return builder_.barrier(name, ops.free.empty() ? "" : ops.free.front().owner->module, operands,
+                              channels_of(shape), shape);
+    };
+    if (operands.empty() || rank < 2) return barrier();
     const auto in = operands.front();
-    const auto& in_shape = builder_.value(in).shape;
-    const bool same_channels = in_shape.size() >= 2 && in_shape[0] == shape[0] && in_shape[1] == shape[1];
-    switch (family_of(name)) {
+    const auto& iv = builder_.value(in);
+    const auto& in_shape = iv.shape;
+    const auto cd = iv.channel_dim;
+    const auto channels = iv.channels();
+    // Channel by channel: same rank, the channels where they were.
+    const bool same_channels = in_shape.size() == rank && in_shape[0] == shape[0] && channels_of(shape, cd) == channels;
+    const auto family = family_of(name);
+    if (!ops.free.empty() && family != OpFamily::Add && family != OpFamily::Mul && family != OpFamily::Concat)
+      return barrier();
+    switch (family) {
       case OpFamily::ZeroPreserving:
       case OpFamily::PerChannel:
         if (operands.size() != 1 || !same_channels) return barrier();
-        return builder_.per_channel(name, in, family_of(name) == OpFamily::ZeroPreserving, shape);
+        return builder_.per_channel(name, in, family == OpFamily::ZeroPreserving, shape, cd);
       case OpFamily::Hardtanh: {
         if (operands.size() != 1 || !same_channels) return barrier();
         const auto* h = dynamic_cast<const torch::autograd::generated::HardtanhBackward0*>(&n);
         const bool zero = h && h->min_val.toDouble() <= 0.0 && h->max_val.toDouble() >= 0.0;
-        return builder_.per_channel(name, in, zero, shape);
+        return builder_.per_channel(name, in, zero, shape, cd);
       }
-      case OpFamily::View:
-        if (operands.size() != 1 || in_shape.size() < 2 || in_shape[0] != shape[0]) return barrier();
-        if (shape.size() == 2 && shape[1] == product(in_shape, 1))
-          return builder_.flatten(name, in, product(in_shape, 2), shape);
-        if (same_channels && product(shape, 2) == product(in_shape, 2))
-          return builder_.per_channel(name, in, true, shape);
-        return barrier();
-      case OpFamily::Reduce:
-        // A mean/sum over the dimensions after the channels ([N, C, H, W] -> [N, C] or
-        // [N, C, 1, 1]): shapes tell it apart from one over the channels.
-        if (operands.size() != 1 || !same_channels || product(shape, 0) != shape[0] * shape[1] ||
-            !(shape.size() == 2 || shape.size() == in_shape.size()))
-          return barrier();
-        return builder_.per_channel(name, in, true, shape);
+      case OpFamily::Softmax: {
+        // Over another dimension: channel by channel, but softmax(0) is not 0.
+        std::int64_t dim = -1;
+        if (const auto* s = dynamic_cast<const torch::autograd::generated::SoftmaxBackward0*>(&n)) dim = s->dim;
+        if (const auto* s = dynamic_cast<const torch::autograd::generated::LogSoftmaxBackward0*>(&n)) dim = s->dim;
+        if (operands.size() != 1 || !same_channels || wrap_dim(dim, rank) == cd) return barrier();
+        return builder_.per_channel(name, in, false, shape, cd);
+      }
+      case OpFamily::Permute: {
+        if (operands.size() != 1 || in_shape.size() != rank) return barrier();
+        std::int64_t to = -1;
+        if (const auto* t = dynamic_cast<const torch::autograd::generated::TransposeBackward0*>(&n)) {
+          const auto d0 = wrap_dim(t->dim0, rank), d1 = wrap_dim(t->dim1, rank);
+          to = cd == d0 ? d1 : cd == d1 ? d0 : cd;
+        } else if (const auto* p = dynamic_cast<const torch::autograd::generated::PermuteBackward0*>(&n)) {
+          for (std::size_t j = 0; j < p->dims.size(); ++j)
+            if (wrap_dim(p->dims[j], rank) == cd) to = static_cast<std::int64_t>(j);
+        }
+        if (to < 0 || channels_of(shape, to) != channels) return barrier();
+        return builder_.per_channel(name, in, true, shape, to);
+      }
+      case OpFamily::Select: {
+        std::int64_t dim = -1;
+        if (const auto* s = dynamic_cast<const torch::autograd::generated::SelectBackward0*>(&n)) dim = s->dim;
+        if (const auto* s = dynamic_cast<const torch::autograd::generated::SliceBackward0*>(&n)) dim = s->dim;
+        dim = wrap_dim(dim, in_shape.size());
+        if (operands.size() != 1 || dim < 0 || dim == cd) return barrier();
+        const auto to = rank < in_shape.size() && dim < cd ? cd - 1 : cd;  // select drops `dim`
+        if (channels_of(shape, to) != channels) return barrier();
+        return builder_.per_channel(name, in, true, shape, to);
+      }
+      case OpFamily::View: {
+        if (operands.size() != 1 || in_shape.size() < 2 || cd < 0) return barrier();
+        const auto map = map_view(in_shape, cd, shape);
+        if (map.dim < 0) return barrier();
+        if (map.block == 1) return builder_.per_channel(name, in, true, shape, map.dim);
+        return builder_.flatten(name, in, map.block, shape, map.dim);
+      }
+      case OpFamily::Reduce: {
+        // A mean/sum over dimensions other than the channels: which dimensions went is read off
+        // the shapes, and must leave no doubt about where the channels are.
+        if (operands.size() != 1) return barrier();
+        std::set<std::int64_t> places;
+        const auto r = in_shape.size();
+        if (rank == r) {
+          if (shape[cd] == channels && (channels > 1 || in_shape == shape)) places.insert(cd);
+        } else if (rank < r && r <= 8) {
+          for (unsigned mask = 0; mask < (1u << r); ++mask) {  // the dimensions kept
+            std::vector<std::int64_t> kept;
+            for (std::size_t d = 0; d < r; ++d)
+              if (mask & (1u << d)) kept.push_back(in_shape[d]);
+            if (kept != shape) continue;
+            if (!(mask & (1u << cd))) places.insert(-1);
+            else places.insert(std::popcount(mask & ((1u << cd) - 1)));
+          }
+        }
+        if (places.size() != 1 || *places.begin() < 0) return barrier();
+        return builder_.per_channel(name, in, true, shape, *places.begin());
+      }
       case OpFamily::Add:
       case OpFamily::Mul: {
+        // Operands broadcast from the right: the channels are where the first operand's are.
+        const auto out_cd = cd + static_cast<std::int64_t>(rank) - static_cast<std::int64_t>(in_shape.size());
+        const auto aligned = [&](const std::vector<std::int64_t>& s) {
+          return out_cd - (static_cast<std::int64_t>(rank) - static_cast<std::int64_t>(s.size()));
+        };
         for (auto o : operands) {
-          const auto& s = builder_.value(o).shape;
-          if (s.size() != shape.size() || s[0] != shape[0] || (s[1] != shape[1] && s[1] != 1))
-            return barrier();
+          const auto& v = builder_.value(o);
+          const auto d = aligned(v.shape);
+          if (v.shape.size() > rank) return barrier();
+          const bool broadcast = d < 0 || v.shape[d] == 1;
+          if (!broadcast && (v.channel_dim != d || v.channels() != channels_of(shape, out_cd))) return barrier();
         }
-        if (builder_.value(in).shape[1] != shape[1] && operands.size() == 1) return barrier();
-        return builder_.elementwise(family_of(name) == OpFamily::Add ? OpKind::Add : OpKind::Mul, name,
-                                    operands, constant, shape);
+        if (channels_of(shape, out_cd) != channels) return barrier();
+        bool constant = ops.constant;
+        for (auto& f : ops.free) {
+          const auto d = aligned(f.shape);
+          const auto pd = d - (static_cast<std::int64_t>(f.shape.size()) - f.owner->handle->named_parameters(false)[f.owner->parameter].dim());
+          if (d < 0 || f.shape[d] == 1 || pd < 0) {
+            constant = true;  // broadcast over the channels: a constant to them
+            continue;
+          }
+          if (f.shape[d] != channels) return barrier();
+          ops.values[f.position] = builder_.parameter(f.owner->module, f.owner->parameter, pd, channels, f.shape, d);
+          reached_.insert(f.owner->module);
+        }
+        std::vector<std::int64_t> all;
+        for (auto v : ops.values)
+          if (v >= 0) all.push_back(v);
+        return builder_.elementwise(family == OpFamily::Add ? OpKind::Add : OpKind::Mul, name, all, constant,
+                                    shape, out_cd);
       }
       case OpFamily::Div:
         // x / constant keeps zeros; a traced divisor could divide by a removed channel.
         if (operands.size() != 1 || n.next_edges().empty() ||
             value_of(n.next_edges()[0].function.get(), n.next_edges()[0].input_nr) != in || !same_channels)
           return barrier();
-        return builder_.per_channel(name, in, true, shape);
+        return builder_.per_channel(name, in, true, shape, cd);
       case OpFamily::Concat: {
-        if (constant) return barrier();  // an operand we cannot see
+        if (ops.constant) return barrier();  // an operand we cannot see
+        const auto* c = dynamic_cast<const torch::autograd::generated::CatBackward0*>(&n);
+        if (c == nullptr) return barrier();
+        const auto dim = wrap_dim(c->dim, rank);
+        for (auto& f : ops.free) {  // a class token: a parameter with the channels of the rest
+          const auto pd = cd - (static_cast<std::int64_t>(f.shape.size()) - f.owner->handle->named_parameters(false)[f.owner->parameter].dim());
+          if (f.shape.size() != rank || dim == cd || pd < 0 || f.shape[cd] != channels) return barrier();
+          ops.values[f.position] = builder_.parameter(f.owner->module, f.owner->parameter, pd, channels, f.shape, cd);
+          reached_.insert(f.owner->module);
+        }
         std::int64_t sum = 0;
-        bool channels_equal = true;
-        for (auto o : operands) {
-          const auto& s = builder_.value(o).shape;
-          if (s.size() != shape.size()) return barrier();
-          sum += s[1];
-          channels_equal = channels_equal && s[1] == shape[1];
-          for (std::size_t d = 2; d < s.size(); ++d)
-            if (s[d] != shape[d]) channels_equal = false;
+        for (auto o : ops.values) {
+          const auto& v = builder_.value(o);
+          if (v.shape.size() != rank || v.channel_dim != cd) return barrier();
+          sum += v.channels();
         }
-        if (sum == shape[1] && std::all_of(operands.begin(), operands.end(), [&](auto o) {
-              const auto& s = builder_.value(o).shape;
-              return s[0] == shape[0] && std::equal(s.begin() + 2, s.end(), shape.begin() + 2);
-            }))
-          return builder_.concat(name, operands, shape);
-        if (channels_equal || operands.size() == 1) {
-          // Along another dimension: channel c of every operand is channel c of the result.
-          for (auto o : operands)
-            if (builder_.value(o).shape[1] != shape[1]) return barrier();
-          return builder_.elementwise(OpKind::Add, name, operands, false, shape);
-        }
-        return barrier();
+        if (dim == cd && sum == shape[cd]) return builder_.concat(name, ops.values, shape, cd);
+        // Along another dimension: channel c of every operand is channel c of the result.
+        for (auto o : ops.values)
+          if (builder_.value(o).channels() != shape[cd]) return barrier();
+        return builder_.elementwise(OpKind::Add, name, ops.values, false, shape, cd);
       }
       case OpFamily::BatchNorm:  // without affine parameters: no way to tell which module
       case OpFamily::Unknown:
@@ -340,7 +512,7 @@ class Tracer {
   }
 
   GraphBuilder builder_;
-  std::unordered_map<const c10::TensorImpl*, ParameterOwner> owners_;
+  std::unordered_map<const c10::TensorImpl*, Owner> owners_;
   std::vector<std::string> layers_;
   std::set<std::string> reached_;
   std::set<const torch::autograd::Node*> seen_;
@@ -362,8 +534,10 @@ Graph trace(Model& model, const torch::Tensor& example) {
   using namespace detail;
   check_argument(example.defined(), trace_where, "example", "an undefined tensor",
                  "an example input batch");
-  check_argument(example.is_floating_point(), trace_where, "example", example.scalar_type(),
-                 "a floating-point input batch");
+  // Indices (a text encoder's token ids) are read by an Embedding, which then makes the
+  // channels; they carry no gradient and no channels themselves.
+  check_argument(example.is_floating_point() || c10::isIntegralType(example.scalar_type(), /*includeBool=*/false), trace_where, "example",
+                 example.scalar_type(), "a floating-point input batch, or integer indices");
   check_argument(!c10::InferenceMode::is_enabled(), trace_where, "InferenceMode", "enabled",
                  "gradients recorded: tracing reads the autograd graph, so call it outside "
                  "c10::InferenceMode");
@@ -372,7 +546,7 @@ Graph trace(Model& model, const torch::Tensor& example) {
                  "torch::NoGradGuard");
   auto& m = impl(model);
   Tracer tracer(m, example);
-  torch::Tensor leaf = example.detach().clone().requires_grad_(true);
+  torch::Tensor leaf = example.detach().clone().requires_grad_(example.is_floating_point());
   torch::Tensor output;
   {
     TraceGuard guard(m);

@@ -363,21 +363,20 @@ class Sparsifier final : public SparsifierInterface {
     for (const auto& n : g.nodes()) {
       if (n.module.empty() || !seen.insert(n.module).second) continue;  // first call of a module
       const auto units = g.units_of(n.output);
-      if (n.kind == OpKind::BatchNorm) {
+      if (n.kind == OpKind::Norm) {
+        // Its γ and β are zeroed with the unit, so that the norm emits zeros there.
         const auto idx = unit_index(units);
         if ((idx != none).any().template item<bool>()) {
           const auto layer = std::find_if(all.begin(), all.end(), [&](const Layer& l) { return l.name == n.module; });
           if (layer == all.end()) continue;
-          const auto& m = *layer->handle;
-          auto add = [&](const auto& bn) {
-            if (bn.options.affine())
-              for (const auto* x : {&bn.weight, &bn.bias}) channel_tensors_.push_back({*x, idx, {}});
-          };
-          if (const auto* bn2 = m.template as<torch::nn::BatchNorm2dImpl>()) add(*bn2);
-          if (const auto* bn1 = m.template as<torch::nn::BatchNorm1dImpl>()) add(*bn1);
+          for (const auto& t : n.rule->tensors)
+            if (t.decides_zero && t.out_dim == 0)
+              if (auto x = detail::layer_tensor(*layer->handle, t.name); x.defined() && x.dim() == 1)
+                channel_tensors_.push_back({x, idx, {}});
         }
         continue;
       }
+      if (n.kind != OpKind::Layer) continue;
       const auto it = target_of.find(n.module);
       if (it == target_of.end()) continue;
       Target& t = targets_[it->second];

@@ -182,7 +182,7 @@ inline FoldPlan plan_folding(const std::vector<Layer>& all, const Graph& g) {
     const bool is_2d = layer.kind == LayerKind::BatchNorm2d;
     const BatchNormView bn = is_2d ? view_of(*layer.as<torch::nn::BatchNorm2dImpl>())
                                    : view_of(*layer.as<torch::nn::BatchNorm1dImpl>());
-    const OpKind wanted = is_2d ? OpKind::Conv2d : OpKind::Linear;
+    const std::string_view wanted = is_2d ? "Conv2d" : "Linear";
     const auto nodes = g.nodes_of(layer.name);
     if (nodes.empty()) {
       plan.report.left.push_back({layer.name, "not reached by the forward pass"});
@@ -193,9 +193,9 @@ inline FoldPlan plan_folding(const std::vector<Layer>& all, const Graph& g) {
       continue;
     }
     const GraphNode& node = g.nodes()[nodes.front()];
-    const std::int64_t producer = node.kind == OpKind::BatchNorm ? g.values()[node.inputs.front()].producer : -1;
-    if (producer < 0 || g.nodes()[producer].kind != wanted) {
-      plan.report.left.push_back({layer.name, "not directly after a " + std::string(to_string(wanted))});
+    const std::int64_t producer = node.kind == OpKind::Norm ? g.values()[node.inputs.front()].producer : -1;
+    if (producer < 0 || g.nodes()[producer].kind != OpKind::Layer || g.nodes()[producer].rule->kind != wanted) {
+      plan.report.left.push_back({layer.name, "not directly after a " + std::string(wanted)});
       continue;
     }
     const std::string& before = g.nodes()[producer].module;

@@ -10,29 +10,27 @@
 
 #include <torch/torch.h>
 
+#include <fasterai/layers/registry.hpp>
+
 namespace fasterai::detail {
 
-// New data for each tensor; a gradient of the old shape is dropped (the next backward would
-// add it to the new shape).
-inline void set_tensor_data(const std::vector<std::pair<torch::Tensor*, torch::Tensor>>& tensors) {
+// New data for each tensor (a handle on the module's own tensor: set_data changes the tensor
+// every handle shares); a gradient of the old shape is dropped (the next backward would add it
+// to the new shape).
+inline void set_tensor_data(const std::vector<std::pair<torch::Tensor, torch::Tensor>>& tensors) {
   torch::NoGradGuard no_grad;
-  for (const auto& [tensor, value] : tensors) {
-    tensor->set_data(value);
-    if (tensor->grad().defined()) tensor->mutable_grad() = torch::Tensor();
+  for (auto [tensor, value] : tensors) {
+    tensor.set_data(value);
+    if (tensor.grad().defined()) tensor.mutable_grad() = torch::Tensor();
   }
 }
 
-// The options of a Conv2d, Linear or BatchNorm after its tensors changed: `out` output channels
-// or features (a BatchNorm's features), `in` inputs, `groups` of a convolution.
+// The options of a layer after its tensors changed, through its rule: `out` output channels (a
+// norm's features), `in` inputs, `groups`.
 inline void set_layer_widths(torch::nn::Module& layer, std::int64_t out, std::int64_t in, std::int64_t groups) {
-  if (auto* conv = layer.as<torch::nn::Conv2dImpl>())
-    conv->options.out_channels(out).in_channels(in).groups(groups);
-  else if (auto* linear = layer.as<torch::nn::LinearImpl>())
-    linear->options.out_features(out).in_features(in);
-  else if (auto* bn2 = layer.as<torch::nn::BatchNorm2dImpl>())
-    bn2->options.num_features(out);
-  else if (auto* bn1 = layer.as<torch::nn::BatchNorm1dImpl>())
-    bn1->options.num_features(out);
+  const LayerRule* rule = rule_of(layer);
+  TORCH_CHECK(rule != nullptr, "fasterai: no layer rule for module ", layer.name(), " to set its widths");
+  rule->set_widths(layer, out, in, groups);
 }
 
 }  // namespace fasterai::detail

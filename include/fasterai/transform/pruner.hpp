@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -46,11 +47,12 @@
 #include <fasterai/graph/removal.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
+#include <fasterai/layers/registry.hpp>
 #include <fasterai/transform/layer_resize.hpp>
 
 namespace fasterai {
 
-// What the Pruner did to one Conv2d or Linear layer.
+// What the Pruner did to one layer that makes channels (Conv, Linear, Embedding).
 struct PrunedLayer {
   std::string name;                     // e.g. "features.0"
   std::int64_t channels_before = 0;     // output channels (features)
@@ -63,8 +65,11 @@ struct PrunedLayer {
 };
 
 struct PruneReport {
-  std::vector<PrunedLayer> layers;     // every Conv2d and Linear of the graph, in forward order
+  std::vector<PrunedLayer> layers;     // every layer making channels, in forward order
   std::vector<GraphBarrier> barriers;  // where channels were kept because the graph stops
+  // Norms over all channels (LayerNorm) that lost channels: their statistics changed, so the
+  // model is approximately the one before (PrunerOptions::approximate). Empty when exact.
+  std::vector<std::string> approximate;
   std::int64_t channels_removed() const {
     std::int64_t n = 0;
     for (const auto& l : layers) n += l.removed();
@@ -72,10 +77,20 @@ struct PruneReport {
   }
   // False when the model had no zero channel to remove: it is then as it was.
   bool changed() const { return channels_removed() > 0; }
+  bool exact() const { return approximate.empty(); }
+};
+
+struct PrunerOptions {
+  // Also remove zero channels that a LayerNorm normalises over (a transformer's hidden size,
+  // ConvNeXt's channels): its mean and variance are then taken over fewer channels, so the
+  // outputs change a little; fine-tune afterwards. Off: such channels are kept (exact).
+  TORCH_ARG(bool, approximate) = false;
 };
 
 class Pruner {
  public:
+  explicit Pruner(PrunerOptions options = {}) : options_(std::move(options)) {}
+
   // Removes every removable zero unit of `model` in place (see the banner), tracing the model
   // on `example` (a batch of inputs of the right shape; its values do not matter).
   template <traceable Model>
@@ -101,8 +116,10 @@ class Pruner {
 
   // What the last call did.
   const PruneReport& report() const { return report_; }
+  const PrunerOptions& options() const { return options_; }
 
  private:
+  PrunerOptions options_;
   PruneReport report_;
 };
 
@@ -110,40 +127,36 @@ namespace detail {
 
 inline constexpr const char* pruner_where = "fasterai::Pruner::prune_";
 
-// Which output channels of a Conv2d, Linear or BatchNorm node are exact zeros with the model's
-// current parameters.
-inline ZeroOutputs zero_outputs_of(const std::map<std::string, std::shared_ptr<torch::nn::Module>>& modules) {
-  return [&modules](const GraphNode& n) {
-    torch::NoGradGuard no_grad;
-    auto to_vector = [](torch::Tensor z) {
+using ModuleMap = std::map<std::string, std::shared_ptr<torch::nn::Module>>;
+
+// A free parameter of the graph ("encoder.pos_embedding"): its module's tensor.
+inline torch::Tensor graph_parameter(const ModuleMap& modules, const GraphNode& n) {
+  return layer_tensor(*modules.at(n.module), n.parameter);
+}
+
+// Which output channels of a Layer, Norm or Parameter node are exact zeros with the model's
+// current parameters: asked of the node's layer rule.
+inline ZeroOutputs zero_outputs_of(const ModuleMap& modules) {
+  return [&modules](const GraphNode& n) -> std::vector<char> {
+    if (n.kind == OpKind::Parameter) {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor p = graph_parameter(modules, n);
+      torch::Tensor z = p.detach().movedim(n.parameter_dim, 0).reshape({p.size(n.parameter_dim), -1}).eq(0).all(1);
       z = z.to(torch::kCPU).contiguous();
-      return std::vector<char>(z.data_ptr<bool>(), z.data_ptr<bool>() + z.numel());
-    };
-    auto rows_zero = [&](const torch::Tensor& w, const torch::Tensor& b) {
-      torch::Tensor z = w.reshape({w.size(0), -1}).eq(0).all(1);
-      if (b.defined()) z &= b.eq(0);
-      return to_vector(z);
-    };
-    auto bn_zero = [&](const auto& bn) {
-      // Without affine parameters a BatchNorm emits −μ/√(σ² + ε) for a zero input.
-      if (!bn.options.affine()) return std::vector<char>(static_cast<std::size_t>(bn.options.num_features()), 0);
-      return to_vector(bn.weight.eq(0) & bn.bias.eq(0));
-    };
+      return {z.data_ptr<bool>(), z.data_ptr<bool>() + z.numel()};
+    }
     const auto& m = *modules.at(n.module);
-    if (const auto* conv = m.as<torch::nn::Conv2dImpl>()) return rows_zero(conv->weight, conv->bias);
-    if (const auto* linear = m.as<torch::nn::LinearImpl>()) return rows_zero(linear->weight, linear->bias);
-    if (const auto* bn2 = m.as<torch::nn::BatchNorm2dImpl>()) return bn_zero(*bn2);
-    return bn_zero(*m.as<torch::nn::BatchNorm1dImpl>());
+    const auto channels = static_cast<std::int64_t>(layer_tensor(m, n.rule->tensors.front().name).size(n.rule->tensors.front().out_dim));
+    return zero_outputs(*n.rule, m, channels);
   };
 }
 
-// One module's new shape: the output and input indices it keeps (undefined: all).
+// One module's new shape, computed before anything changes.
 struct ModuleCut {
-  std::shared_ptr<torch::nn::Module> module;
-  torch::Tensor keep_out, keep_in;
-  std::int64_t groups = 1;
-  // The new tensors, computed before anything changes.
-  std::vector<std::pair<torch::Tensor*, torch::Tensor>> tensors;
+  std::shared_ptr<torch::nn::Module> module;  // null for a free parameter
+  const LayerRule* rule = nullptr;
+  std::int64_t out = 0, in = 0, groups = 1;   // the new widths
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> tensors;  // each tensor and its new value
 };
 
 inline torch::Tensor kept_indices(const std::vector<std::int64_t>& units, const std::vector<char>& removed) {
@@ -162,17 +175,18 @@ struct PrunePlan {
   PruneReport report;
 };
 
-inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g) {
+inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g, bool approximate) {
   torch::NoGradGuard no_grad;
-  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  ModuleMap modules;
   for (const auto& item : root.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
   for (const auto& n : g.nodes())
-    if (!n.module.empty() && n.kind != OpKind::Barrier)
-      check_argument(modules.count(n.module) != 0, pruner_where, "graph", n.module,
+    if ((n.kind == OpKind::Layer || n.kind == OpKind::Norm || n.kind == OpKind::Parameter))
+      check_argument(modules.count(n.module) != 0 && (n.kind == OpKind::Parameter || rule_of(*modules.at(n.module)) == n.rule),
+                     pruner_where, "graph", n.module,
                      "a graph traced from this model (it names a module the model does not have)");
 
   const auto zero = zero_channels(g, zero_outputs_of(modules));
-  const std::vector<char> removable = removable_units(g, zero);
+  const std::vector<char> removable = removable_units(g, zero, approximate);
   std::vector<char> removed = removable;
   for (const auto& group : g.groups()) {
     const bool all = std::all_of(group.units.begin(), group.units.end(), [&](auto u) { return removed[u]; });
@@ -181,61 +195,65 @@ inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g) {
 
   PrunePlan plan;
   plan.report.barriers = g.barriers();
-  std::map<std::string, bool> planned;
+  std::set<std::string> planned;
   for (const auto& n : g.nodes()) {
-    if (n.module.empty() || n.kind == OpKind::Barrier || planned[n.module]) continue;
-    planned[n.module] = true;
+    if (n.kind == OpKind::Parameter) {
+      if (!planned.insert(parameter_name(n)).second) continue;
+      const auto keep = kept_indices(g.units_of(n.output), removed);
+      if (keep.numel() == g.values()[n.output].channels()) continue;
+      const torch::Tensor p = graph_parameter(modules, n);
+      ModuleCut cut;
+      cut.tensors.emplace_back(p, select(p, n.parameter_dim, keep));
+      plan.cuts.push_back(std::move(cut));
+      continue;
+    }
+    if ((n.kind != OpKind::Layer && n.kind != OpKind::Norm) || !planned.insert(n.module).second) continue;
+    const LayerRule& rule = *n.rule;
     const auto out_units = g.units_of(n.output);
-    const auto in_units = g.units_of(n.inputs.front());
+    const auto in_units = n.inputs.empty() ? std::vector<std::int64_t>{} : g.units_of(n.inputs.front());
     ModuleCut cut;
     cut.module = modules.at(n.module);
-    cut.keep_out = kept_indices(out_units, removed);
-    cut.keep_in = kept_indices(in_units, removed);
+    cut.rule = n.rule;
+    const torch::Tensor keep_out = kept_indices(out_units, removed);
+    const torch::Tensor keep_in = kept_indices(in_units, removed);
     const auto out_before = static_cast<std::int64_t>(out_units.size());
     const auto in_before = static_cast<std::int64_t>(in_units.size());
-    if (n.kind == OpKind::Conv2d || n.kind == OpKind::Linear) {
-      PrunedLayer entry{n.module, out_before, cut.keep_out.numel(), 0};
+    const torch::Tensor weight = layer_tensor(*cut.module, rule.tensors.front().name);
+    if (n.kind == OpKind::Layer) {
+      PrunedLayer entry{n.module, out_before, keep_out.numel(), 0};
       // Zero filters that stay for a reason other than keeping one unit per group.
-      const auto& w = n.kind == OpKind::Conv2d ? cut.module->as<torch::nn::Conv2dImpl>()->weight
-                                               : cut.module->as<torch::nn::LinearImpl>()->weight;
+      const auto w = weight.movedim(rule.tensors.front().out_dim, 0);
       const torch::Tensor zero_rows = w.reshape({w.size(0), -1}).eq(0).all(1).to(torch::kCPU);
       const bool* z = zero_rows.data_ptr<bool>();
       for (std::size_t o = 0; o < out_units.size(); ++o)
         if (z[o] && !removable[out_units[o]]) ++entry.constant_channels;
       plan.report.layers.push_back(entry);
     }
-    const bool out_changes = cut.keep_out.numel() != out_before;
-    const bool in_changes = cut.keep_in.numel() != in_before;
+    const bool out_changes = keep_out.numel() != out_before;
+    const bool in_changes = keep_in.numel() != in_before;
     if (!out_changes && !in_changes) continue;
-    if (auto* conv = cut.module->as<torch::nn::Conv2dImpl>()) {
-      torch::Tensor w = select(conv->weight, 0, cut.keep_out);
-      cut.groups = conv->options.groups();
-      if (cut.groups == 1) {
-        w = select(w, 1, cut.keep_in);
-      } else {
-        // Whole groups go (the graph made each group one unit).
-        const auto out_per = out_before / cut.groups;
-        const auto removed_groups = (out_before - cut.keep_out.numel()) / out_per;
-        check_argument((out_before - cut.keep_out.numel()) % out_per == 0 &&
-                           (in_before - cut.keep_in.numel()) == removed_groups * (in_before / cut.groups),
-                       pruner_where, "groups of Conv2d '" + n.module + "'", cut.groups,
-                       "whole groups removed (the graph is inconsistent with the model)");
-        cut.groups -= removed_groups;
-      }
-      cut.tensors.emplace_back(&conv->weight, w);
-      if (conv->bias.defined()) cut.tensors.emplace_back(&conv->bias, select(conv->bias, 0, cut.keep_out));
-    } else if (auto* linear = cut.module->as<torch::nn::LinearImpl>()) {
-      cut.tensors.emplace_back(&linear->weight, select(select(linear->weight, 0, cut.keep_out), 1, cut.keep_in));
-      if (linear->bias.defined()) cut.tensors.emplace_back(&linear->bias, select(linear->bias, 0, cut.keep_out));
-    } else {
-      auto batch_norm = [&](auto& bn) {
-        for (torch::Tensor* t : {&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var})
-          if (t->defined()) cut.tensors.emplace_back(t, select(*t, 0, cut.keep_out));
-      };
-      if (auto* bn2 = cut.module->as<torch::nn::BatchNorm2dImpl>())
-        batch_norm(*bn2);
-      else
-        batch_norm(*cut.module->as<torch::nn::BatchNorm1dImpl>());
+    if (n.across_channels) plan.report.approximate.push_back(n.module);
+    cut.out = keep_out.numel();
+    cut.in = n.kind == OpKind::Norm ? cut.out : keep_in.numel();
+    cut.groups = groups_of(rule, *cut.module);
+    if (cut.groups > 1) {
+      // Whole groups go (the graph made each group one unit).
+      const auto out_per = out_before / cut.groups;
+      const auto removed_groups = (out_before - cut.out) / out_per;
+      const bool whole = (out_before - cut.out) % out_per == 0 &&
+                         (n.kind == OpKind::Norm || (in_before - cut.in) == removed_groups * (in_before / cut.groups));
+      check_argument(whole, pruner_where, concat("groups of ", rule.kind, " '", n.module, "'"), cut.groups,
+                     "whole groups removed (the graph is inconsistent with the model)");
+      cut.groups -= removed_groups;
+    }
+    for (const auto& t : rule.tensors) {
+      const torch::Tensor x = layer_tensor(*cut.module, t.name);
+      if (!x.defined()) continue;
+      torch::Tensor y = x;
+      if (t.out_dim >= 0 && out_changes) y = select(y, t.out_dim, keep_out);
+      // A grouped layer's input dimension counts the channels of one group: it stays.
+      if (t.in_dim >= 0 && in_changes && groups_of(rule, *cut.module) == 1) y = select(y, t.in_dim, keep_in);
+      if (!y.is_same(x)) cut.tensors.emplace_back(x, y);
     }
     plan.cuts.push_back(std::move(cut));
   }
@@ -245,14 +263,14 @@ inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g) {
 // Nothing here can fail: every tensor was computed by the plan.
 inline void apply_cut(ModuleCut& cut) {
   set_tensor_data(cut.tensors);
-  set_layer_widths(*cut.module, cut.keep_out.numel(), cut.keep_in.numel(), cut.groups);
+  if (cut.module) cut.rule->set_widths(*cut.module, cut.out, cut.in, cut.groups);
 }
 
 }  // namespace detail
 
 template <module Model>
 PruneReport Pruner::prune_(Model& model, const Graph& graph) {
-  detail::PrunePlan plan = detail::plan_pruning(detail::impl(model), graph);
+  detail::PrunePlan plan = detail::plan_pruning(detail::impl(model), graph, options_.approximate());
   for (auto& cut : plan.cuts) detail::apply_cut(cut);
   report_ = std::move(plan.report);
   return report_;
