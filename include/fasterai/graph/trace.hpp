@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -126,6 +127,20 @@ inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, co
     p *= out[j];
   }
   return {};
+}
+
+// The dimensions a mean or sum reduced, where the node saved them (all of them: nullopt).
+template <class Reduction>
+std::optional<std::vector<std::int64_t>> saved_dims(const Reduction& n) {
+  if constexpr (requires { n.dim.list; }) {
+    if (n.dim.list) return std::vector<std::int64_t>(n.dim.list->begin(), n.dim.list->end());
+  }
+  return std::nullopt;
+}
+inline std::optional<std::vector<std::int64_t>> reduced_dims(const torch::autograd::Node& n) {
+  if (const auto* m = dynamic_cast<const torch::autograd::generated::MeanBackward1*>(&n)) return saved_dims(*m);
+  if (const auto* s = dynamic_cast<const torch::autograd::generated::SumBackward1*>(&n)) return saved_dims(*s);
+  return std::nullopt;
 }
 
 class Tracer {
@@ -422,12 +437,21 @@ class Tracer {
         return builder_.flatten(name, in, map.block, shape, map.dim);
       }
       case OpFamily::Reduce: {
-        // A mean/sum over dimensions other than the channels: which dimensions went is read off
-        // the shapes, and must leave no doubt about where the channels are.
+        // A mean/sum over dimensions other than the channels: the reduced dimensions as the
+        // node saved them, or else as the shapes tell them without doubt.
         if (operands.size() != 1) return barrier();
         std::set<std::int64_t> places;
         const auto r = in_shape.size();
-        if (rank == r) {
+        if (auto dims = reduced_dims(n)) {
+          std::int64_t before = 0;
+          bool channels_reduced = false;
+          for (auto d : *dims) {
+            d = wrap_dim(d, r);
+            channels_reduced |= d == cd;
+            before += d < cd;
+          }
+          if (!channels_reduced) places.insert(rank == r ? cd : cd - before);
+        } else if (rank == r) {
           if (shape[cd] == channels && (channels > 1 || in_shape == shape)) places.insert(cd);
         } else if (rank < r && r <= 8) {
           for (unsigned mask = 0; mask < (1u << r); ++mask) {  // the dimensions kept
@@ -439,7 +463,8 @@ class Tracer {
             else places.insert(std::popcount(mask & ((1u << cd) - 1)));
           }
         }
-        if (places.size() != 1 || *places.begin() < 0) return barrier();
+        if (places.size() != 1 || *places.begin() < 0 || channels_of(shape, *places.begin()) != channels)
+          return barrier();
         return builder_.per_channel(name, in, true, shape, *places.begin());
       }
       case OpFamily::Add:
