@@ -146,7 +146,7 @@ MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) 
   MacReport report;
   for (const auto& n : graph.nodes()) {
     const auto& shape = graph.values()[n.output].shape;
-    if (n.kind == OpKind::Layer && n.rule->macs) {
+    if ((n.kind == OpKind::Layer || n.kind == OpKind::Barrier) && n.rule && n.rule->macs) {
       const auto& layer = *modules.at(n.module);
       const auto& in = n.inputs.empty() ? shape : graph.values()[n.inputs.front()].shape;
       report.layers.push_back({n.module, kind_of(layer), n.rule->macs(layer, in, shape)});

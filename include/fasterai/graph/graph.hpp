@@ -79,7 +79,7 @@ struct GraphNode {
   std::string module;  // qualified name of the module it belongs to; empty for functional ops
   std::vector<std::int64_t> inputs;  // values read, in operand order
   std::int64_t output = -1;          // the value produced
-  const LayerRule* rule = nullptr;   // Layer/Norm: the module's rule
+  const LayerRule* rule = nullptr;   // Layer/Norm: the module's rule; Barrier: an opaque layer's
   std::int64_t groups = 1;           // Layer/Norm: channel groups coupling input and output
   bool zero_preserving = true;       // PerChannel: maps a zero channel to a zero channel
   bool constant_operand = false;     // Add/Mul: an operand that is not traced (a constant)
@@ -335,6 +335,8 @@ class GraphBuilder {
 
   const GraphValue& value(std::int64_t v) const { return graph_.values_[v]; }
   const GraphNode& node(std::int64_t n) const { return graph_.nodes_[n]; }
+  // The rule of an opaque layer's barrier node, for its cost.
+  void set_rule(std::int64_t n, const LayerRule* rule) { graph_.nodes_[n].rule = rule; }
 
   // Resolve units and coupled groups; the builder is spent afterwards.
   Graph finish() &&;

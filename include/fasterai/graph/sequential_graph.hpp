@@ -67,7 +67,7 @@ Graph graph_of(const Model& model) {
       const auto w = detail::static_widths(*rule, *l.handle);
       const bool affine = detail::layer_tensor(*l.handle, rule->tensors.front().name).defined();
       const auto groups = detail::groups_of(*rule, *l.handle);
-      if (w.flat != flat || w.in != channels || !affine || w.in == 0) {
+      if (w.flat != flat || w.in != channels || !affine || w.in == 0 || rule->role == LayerRole::Opaque) {
         barrier(l, w.out > 0 ? w.out : channels);
       } else if (rule->role == LayerRole::Producer) {
         v = b.layer(rule, rule->kind, l.name, v, w.out, groups);

@@ -335,13 +335,18 @@ class Tracer {
         reached_.insert(owner.module);
         if (rule->role == LayerRole::Producer && iv.channels() % groups == 0)
           return builder_.layer(rule, n.name(), owner.module, in, channels_of(shape, out_cd), groups, shape, out_cd);
-        if (rule->role != LayerRole::Producer && shape == in_shape && iv.channels() % groups == 0)
+        if ((rule->role == LayerRole::Norm || rule->role == LayerRole::Normalizing) && shape == in_shape &&
+            iv.channels() % groups == 0)
           return builder_.norm(rule, n.name(), owner.module, in, groups, rule->role == LayerRole::Normalizing,
                                shape, out_cd);
       }
     }
     for (const auto& name : modules) reached_.insert(name);
-    return builder_.barrier(n.name(), owner.module, operands, channels_of(shape), shape);
+    const auto v = builder_.barrier(n.name(), owner.module, operands, channels_of(shape), shape);
+    // An opaque layer: a barrier whose cost its rule still tells (once, at its first node).
+    if (modules.size() == 1 && rule && rule->role == LayerRole::Opaque && opaque_.insert(owner.module).second)
+      builder_.set_rule(builder_.value(v).producer, rule);
+    return v;
   }
 
   // Whether a value is the output of the layer `module`, possibly reshaped since.
@@ -540,6 +545,7 @@ class Tracer {
   std::unordered_map<const c10::TensorImpl*, Owner> owners_;
   std::vector<std::string> layers_;
   std::set<std::string> reached_;
+  std::set<std::string> opaque_;
   std::set<const torch::autograd::Node*> seen_;
   std::vector<torch::autograd::Node*> nodes_;
   std::set<const torch::autograd::Node*> data_nodes_;

@@ -27,7 +27,7 @@ LayerRule convolution(const char* kind) {
   };
   r.macs = [](const torch::nn::Module& m, const std::vector<std::int64_t>&, const std::vector<std::int64_t>& out) {
     const auto& w = dynamic_cast<const ConvImpl&>(m).weight;  // each output reads in/groups × kernel
-    return detail::per_sample(out) * (w.numel() / w.size(0));
+    return detail::elements(out) * (w.numel() / w.size(0));
   };
   return r;
 }
@@ -47,7 +47,7 @@ inline LayerRule conv_transpose2d() {
   };
   r.macs = [](const torch::nn::Module& m, const std::vector<std::int64_t>& in, const std::vector<std::int64_t>&) {
     const auto& w = dynamic_cast<const Impl&>(m).weight;  // each input scatters into out × kernel
-    return detail::per_sample(in) * (w.numel() / w.size(0));
+    return detail::elements(in) * (w.numel() / w.size(0));
   };
   return r;
 }

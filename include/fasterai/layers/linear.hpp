@@ -23,7 +23,7 @@ inline LayerRule linear() {
     dynamic_cast<Impl&>(m).options.out_features(out).in_features(in);
   };
   r.macs = [](const torch::nn::Module& m, const std::vector<std::int64_t>&, const std::vector<std::int64_t>& out) {
-    return detail::per_sample(out) * dynamic_cast<const Impl&>(m).weight.size(1);
+    return detail::elements(out) * dynamic_cast<const Impl&>(m).weight.size(1);
   };
   return r;
 }

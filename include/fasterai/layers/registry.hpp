@@ -16,6 +16,7 @@
 
 #include <torch/torch.h>
 
+#include <fasterai/layers/attention.hpp>
 #include <fasterai/layers/conv.hpp>
 #include <fasterai/layers/embedding.hpp>
 #include <fasterai/layers/linear.hpp>
@@ -53,6 +54,7 @@ inline std::vector<RegisteredRule>& layer_rules() {
       rule_for<InstanceNorm3dImpl>(rules::channel_norm<InstanceNorm3dImpl, 5>("InstanceNorm3d")),
       rule_for<GroupNormImpl>(rules::group_norm()),
       rule_for<EmbeddingImpl>(rules::embedding()),
+      rule_for<MultiheadAttentionImpl>(rules::multihead_attention()),
   };
   return rules;
 }

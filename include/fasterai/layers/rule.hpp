@@ -45,6 +45,9 @@ enum class LayerRole {
   // a channel changes every other one, so such channels are removed only when asked
   // (approximate pruning).
   Normalizing,
+  // Known for its cost, not for its channels (LibTorch's MultiheadAttention, whose projections
+  // are tied to its embedding size): a barrier that count_macs still counts.
+  Opaque,
 };
 
 // Which dimensions of one of the layer's tensors index its channels.
@@ -75,8 +78,9 @@ struct LayerRule {
   std::function<bool(const torch::nn::Module&)> supported;
   // Options after the tensors shrank: `out` output channels, `in` input channels, `groups`.
   std::function<void(torch::nn::Module&, std::int64_t out, std::int64_t in, std::int64_t groups)> set_widths;
-  // Multiply-accumulates of one call for one sample, from the shapes of the call's input and
-  // output (batch dimension first); nullptr: none counted.
+  // Multiply-accumulates of one call, from the shapes of the tensors that call read and wrote
+  // (count_macs traces a batch of one; a Linear on tokens may see them flattened to
+  // [tokens, features]); nullptr: none counted.
   std::function<std::int64_t(const torch::nn::Module&, const std::vector<std::int64_t>& input_shape,
                              const std::vector<std::int64_t>& output_shape)>
       macs;
@@ -92,10 +96,10 @@ inline torch::Tensor layer_tensor(const torch::nn::Module& m, const std::string&
   return {};
 }
 
-// Elements per sample of a shape whose first dimension is the batch.
-inline std::int64_t per_sample(const std::vector<std::int64_t>& shape) {
+// Elements of a tensor of this shape.
+inline std::int64_t elements(const std::vector<std::int64_t>& shape) {
   std::int64_t n = 1;
-  for (std::size_t d = 1; d < shape.size(); ++d) n *= shape[d];
+  for (auto d : shape) n *= d;
   return n;
 }
 

@@ -1,0 +1,149 @@
+// The Vision Transformer: counts, names and logits against torchvision, and its MLP units
+// pruned exactly through the traced graph.
+#include "catch.hpp"
+
+#include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/trace.hpp>
+#include <fasterai/io/state_dict.hpp>
+#include <fasterai/models/vit.hpp>
+#include <fasterai/transform/pruner.hpp>
+
+#include "python_oracle.hpp"
+
+using namespace fasterai;
+using namespace fasterai::testing;
+
+namespace {
+
+models::VisionTransformerOptions small_vit() {
+  return models::VisionTransformerOptions(32, 8).num_layers(2).num_heads(2).hidden_dim(32).mlp_dim(64).num_classes(10);
+}
+
+// torchvision zeroes the head and the class token: random ones, so that logits say something.
+void randomize_zeros(models::VisionTransformer& vit) {
+  torch::NoGradGuard no_grad;
+  vit->class_token.normal_(0.0, 0.5);
+  for (auto& p : vit->heads->parameters()) p.normal_(0.0, 0.5);
+}
+
+}  // namespace
+
+TEST_CASE("ViT-B/16 has torchvision's parameter count for 1000 and 10 classes", "[zoo][vit]") {
+  CHECK(count_parameters(*models::vit_b_16(1000)) == 86'567'656);
+  CHECK(count_parameters(*models::vit_b_16(10)) == 85'806'346);
+}
+
+TEST_CASE("ViT: bad options are named", "[zoo][vit][errors]") {
+  CHECK_THROWS_WITH(models::vit(models::VisionTransformerOptions(30, 8)), Catch::Contains("image_size") &&
+                                                                               Catch::Contains("patch_size"));
+  CHECK_THROWS_WITH(models::vit(small_vit().num_heads(3)), Catch::Contains("hidden_dim"));
+  CHECK_THROWS_WITH(models::vit(small_vit().num_classes(0)), Catch::Contains("num_classes"));
+}
+
+TEST_CASE("ViT: MLP units removed exactly through the graph, attention and hidden size kept", "[zoo][vit][pruner]") {
+  torch::manual_seed(3);
+  auto vit = models::vit(small_vit());
+  randomize_zeros(vit);
+  vit->eval();
+  const auto x = torch::randn({2, 3, 32, 32});
+  const auto macs_before = count_macs(vit, {3, 32, 32}).total();
+  {
+    torch::NoGradGuard no_grad;  // half of the first block's MLP units, a quarter of the second's
+    for (auto [block, count] : {std::pair<int, int>{0, 32}, {1, 16}}) {
+      auto* fc1 = vit->encoder->layers[block]->as<models::EncoderBlockImpl>()->mlp[0]->as<torch::nn::LinearImpl>();
+      fc1->weight.narrow(0, 0, count).zero_();
+      fc1->bias.narrow(0, 0, count).zero_();
+    }
+  }
+  torch::Tensor before;
+  {
+    torch::NoGradGuard no_grad;
+    before = vit->forward(x);
+  }
+  const auto report = Pruner().prune_(vit, x);
+  CHECK(report.exact());
+  CHECK(report.channels_removed() == 48);
+  auto* block0 = vit->encoder->layers[0]->as<models::EncoderBlockImpl>();
+  CHECK(block0->mlp[0]->as<torch::nn::LinearImpl>()->options.out_features() == 32);
+  CHECK(block0->mlp[3]->as<torch::nn::LinearImpl>()->options.in_features() == 32);
+  CHECK(vit->encoder->ln->weight.size(0) == 32);  // the hidden size is kept
+  {
+    torch::NoGradGuard no_grad;
+    const auto after = vit->forward(x);
+    CHECK((after - before).abs().max().item<double>() <= 1e-5 * before.abs().max().item<double>());
+  }
+  // Each MLP unit costs 2·hidden MACs per token (17 tokens: 16 patches and the class token).
+  CHECK(macs_before - count_macs(vit, {3, 32, 32}).total() == 48 * 2 * 32 * 17);
+}
+
+TEST_CASE("ViT equals torchvision's: names, shapes, state_dicts and logits (Python oracle)", "[zoo][vit][python]") {
+  if (std::string(FASTERAI_PYTHON).empty()) {
+    WARN("python3 with torchvision not found: oracle comparison skipped");
+    return;
+  }
+  TempDir dir;
+  torch::manual_seed(4);
+  auto ours = models::vit(small_vit());
+  randomize_zeros(ours);
+  ours->eval();
+  save_state_dict(*ours, dir.path / "ours.pt");
+  run_python(dir, R"(
+import sys, torch
+from torchvision.models import vit_b_16
+from torchvision.models.vision_transformer import VisionTransformer
+d = sys.argv[1]
+with open(d + '/shapes.txt', 'w') as out:
+    net = vit_b_16(num_classes=1000)
+    for k, v in net.named_parameters(): print('p', k, *v.shape, file=out)
+    for k, v in net.named_buffers(): print('b', k, *v.shape, file=out)
+torch.manual_seed(0)
+net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                        num_classes=10).eval()
+with torch.no_grad():
+    torch.nn.init.normal_(net.class_token, std=0.5)
+    torch.nn.init.normal_(net.heads.head.weight, std=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    y = net(x)
+    torch.save(net.state_dict(), d + '/python.pt')
+    net.load_state_dict(torch.load(d + '/ours.pt'), strict=True)
+    torch.save({'input': x, 'logits': y, 'ours_logits': net(x)}, d + '/io.pt')
+)");
+  std::vector<std::string> expected;
+  std::ifstream in(dir.path / "shapes.txt");
+  for (std::string line; std::getline(in, line);) expected.push_back(line);
+  std::vector<std::string> described;
+  const auto vit_b_16 = models::vit_b_16(1000);
+  for (const auto& p : vit_b_16->named_parameters()) {
+    std::ostringstream os;
+    os << "p " << p.key();
+    for (auto d : p.value().sizes()) os << ' ' << d;
+    described.push_back(os.str());
+  }
+  CHECK(described == expected);
+
+  const auto io = read_state_dict(dir.path / "io.pt");
+  auto close = [](const torch::Tensor& logits, const torch::Tensor& expected) {
+    const double scale = expected.abs().max().item<double>();
+    INFO("max |logit| " << scale);
+    CHECK(scale > 0.0);
+    CHECK((logits - expected).abs().max().item<double>() <= 1e-4 * scale);
+  };
+  torch::NoGradGuard no_grad;
+  {
+    INFO("Python's weights in our model");
+    auto model = models::vit(small_vit());
+    load_state_dict(*model, dir.path / "python.pt");
+    model->eval();
+    close(model->forward(io["input"]), io["logits"]);
+  }
+  {
+    INFO("our weights in torchvision's model");
+    close(ours->forward(io["input"]), io["ours_logits"]);
+  }
+}
