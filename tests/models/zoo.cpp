@@ -1,5 +1,5 @@
 // ResNet and MobileNetV2: counts, names, shapes, initialization, and logits against torchvision.
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <stdlib.h>
 
@@ -20,7 +20,10 @@
 #include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>
 
+#include "python_oracle.hpp"
+
 using namespace fasterai;
+using namespace fasterai::testing;
 
 namespace {
 
@@ -50,29 +53,6 @@ torch::Tensor forward(torch::nn::Module& model, const torch::Tensor& x) {
   if (auto* mobilenet = model.as<models::MobileNetV2Impl>()) return mobilenet->forward(x);
   FAIL("not a zoo model");
   return {};
-}
-
-// A fresh directory under the system's temporary directory, removed with everything in it.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "fasterai_zoo_XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path, ignored);
-  }
-};
-
-// Runs `script` with the oracle's Python, the temporary directory as its argument.
-void run_python(const TempDir& dir, const std::string& script) {
-  const auto file = dir.path / "oracle.py";
-  std::ofstream(file) << script;
-  const std::string cmd = std::string(FASTERAI_PYTHON) + " " + file.string() + " " +
-                          dir.path.string();
-  REQUIRE(std::system(cmd.c_str()) == 0);
 }
 
 double max_abs(const torch::Tensor& t) { return t.abs().max().item<double>(); }
