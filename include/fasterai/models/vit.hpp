@@ -117,15 +117,15 @@ class VisionTransformerImpl : public torch::nn::Module {
  public:
   explicit VisionTransformerImpl(const VisionTransformerOptions& o) : options(o) {
     constexpr auto where = "fasterai::models::VisionTransformer";
-    detail::check_argument(o.patch_size() > 0 && o.image_size() > 0 && o.image_size() % o.patch_size() == 0, where,
+    fasterai::detail::check_argument(o.patch_size() > 0 && o.image_size() > 0 && o.image_size() % o.patch_size() == 0, where,
                            "image_size", o.image_size(), "a positive multiple of patch_size");
-    detail::check_argument(o.num_heads() > 0 && o.hidden_dim() % o.num_heads() == 0, where, "hidden_dim",
+    fasterai::detail::check_argument(o.num_heads() > 0 && o.hidden_dim() % o.num_heads() == 0, where, "hidden_dim",
                            o.hidden_dim(), "a multiple of num_heads");
     for (auto [name, v] : {std::pair<const char*, std::int64_t>{"in_channels", o.in_channels()},
                            {"num_layers", o.num_layers()},
                            {"mlp_dim", o.mlp_dim()},
                            {"num_classes", o.num_classes()}})
-      detail::check_argument(v > 0, where, name, v, "a positive count");
+      fasterai::detail::check_argument(v > 0, where, name, v, "a positive count");
     using namespace torch::nn;
     conv_proj = register_module("conv_proj", Conv2d(Conv2dOptions(o.in_channels(), o.hidden_dim(), o.patch_size())
                                                         .stride(o.patch_size())));
