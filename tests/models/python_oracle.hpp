@@ -7,7 +7,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
+#include <vector>
+
+#include <torch/torch.h>
 
 #include "catch.hpp"
 
@@ -34,6 +38,35 @@ inline void run_python(const TempDir& dir, const std::string& script) {
   const std::string cmd = std::string(FASTERAI_PYTHON) + " " + file.string() + " " +
                           dir.path.string();
   REQUIRE(std::system(cmd.c_str()) == 0);
+}
+
+// "p name d0 d1 ..." for every parameter, as the oracle scripts print them from Python.
+inline std::vector<std::string> parameter_lines(const torch::nn::Module& model) {
+  std::vector<std::string> lines;
+  for (const auto& p : model.named_parameters()) {
+    std::ostringstream os;
+    os << "p " << p.key();
+    for (auto d : p.value().sizes()) os << ' ' << d;
+    lines.push_back(os.str());
+  }
+  return lines;
+}
+
+inline std::vector<std::string> read_lines(const std::filesystem::path& file) {
+  std::vector<std::string> lines;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
+
+// Logits equal to PyTorch's up to float32 rounding over the layers (and not all zero).
+inline void check_logits_close(const torch::Tensor& logits, const torch::Tensor& expected) {
+  REQUIRE(logits.sizes() == expected.sizes());
+  const double scale = expected.abs().max().item<double>();
+  const double difference = (logits - expected).abs().max().item<double>();
+  INFO("max |logit| " << scale << ", max |difference| " << difference);
+  CHECK(scale > 0.0);
+  CHECK(difference <= 1e-4 * scale);
 }
 
 }  // namespace fasterai::testing

@@ -3,8 +3,6 @@
 #include "catch.hpp"
 
 #include <cstdint>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -114,36 +112,19 @@ with torch.no_grad():
     net.load_state_dict(torch.load(d + '/ours.pt'), strict=True)
     torch.save({'input': x, 'logits': y, 'ours_logits': net(x)}, d + '/io.pt')
 )");
-  std::vector<std::string> expected;
-  std::ifstream in(dir.path / "shapes.txt");
-  for (std::string line; std::getline(in, line);) expected.push_back(line);
-  std::vector<std::string> described;
-  const auto vit_b_16 = models::vit_b_16(1000);
-  for (const auto& p : vit_b_16->named_parameters()) {
-    std::ostringstream os;
-    os << "p " << p.key();
-    for (auto d : p.value().sizes()) os << ' ' << d;
-    described.push_back(os.str());
-  }
-  CHECK(described == expected);
+  CHECK(parameter_lines(*models::vit_b_16(1000)) == read_lines(dir.path / "shapes.txt"));
 
   const auto io = read_state_dict(dir.path / "io.pt");
-  auto close = [](const torch::Tensor& logits, const torch::Tensor& expected) {
-    const double scale = expected.abs().max().item<double>();
-    INFO("max |logit| " << scale);
-    CHECK(scale > 0.0);
-    CHECK((logits - expected).abs().max().item<double>() <= 1e-4 * scale);
-  };
   torch::NoGradGuard no_grad;
   {
     INFO("Python's weights in our model");
     auto model = models::vit(small_vit());
     load_state_dict(*model, dir.path / "python.pt");
     model->eval();
-    close(model->forward(io["input"]), io["logits"]);
+    check_logits_close(model->forward(io["input"]), io["logits"]);
   }
   {
     INFO("our weights in torchvision's model");
-    close(ours->forward(io["input"]), io["ours_logits"]);
+    check_logits_close(ours->forward(io["input"]), io["ours_logits"]);
   }
 }
