@@ -122,25 +122,17 @@ struct MacReport {
   }
 };
 
-// Multiply-accumulates of one forward pass of a single sample of `input_shape` (without the
-// batch dimension, e.g. {3, 224, 224}) through the Conv2d and Linear layers of any module with
-// a tensor forward, in execution order (a layer called twice counts twice). The shapes come
-// from the model's traced graph (graph/trace.hpp): one forward on zeros, with gradients
-// recorded even under a caller's NoGradGuard, the model left as it was.
+// Multiply-accumulates of one forward pass on `example` (a batch; give a batch of one for the
+// count per sample) through the layers whose rules count them (Conv, Linear on any rank,
+// MultiheadAttention, users' registered kinds), in execution order (a layer called twice counts
+// twice). The shapes come from the model's traced graph (graph/trace.hpp), with gradients
+// recorded even under a caller's NoGradGuard, the model left as it was. Integer examples are
+// token ids, for models that start with an Embedding.
 template <traceable Model>
-MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) {
-  constexpr auto where = "fasterai::count_macs";
-  detail::check_argument(!input_shape.empty(), where, "input_shape", "{}",
-                         "the shape of one sample without the batch dimension, e.g. {3, 224, 224}");
-  for (auto d : input_shape)
-    detail::check_argument(d > 0, where, "input_shape", c10::IntArrayRef(input_shape), "positive dimensions");
-  // Tracing runs the forward and restores every mode and flag it touches.
+MacReport count_macs(const Model& model, const torch::Tensor& example) {
   auto& m = const_cast<impl_of_t<Model>&>(detail::impl(model));
-  input_shape.insert(input_shape.begin(), 1);
-  auto options = torch::TensorOptions().dtype(torch::kFloat32);
-  if (const auto p = m.parameters(); !p.empty()) options = options.device(p.front().device()).dtype(p.front().dtype());
   torch::AutoGradMode grad(true);
-  const Graph graph = trace(m, torch::zeros(input_shape, options));
+  const Graph graph = trace(m, example);
   std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
   for (const auto& item : m.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
   MacReport report;
@@ -153,6 +145,22 @@ MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) 
     }
   }
   return report;
+}
+
+// The same for a single sample of `input_shape` (without the batch dimension, e.g.
+// {3, 224, 224}), run on zeros of the model's dtype and device.
+template <traceable Model>
+MacReport count_macs(const Model& model, std::vector<std::int64_t> input_shape) {
+  constexpr auto where = "fasterai::count_macs";
+  detail::check_argument(!input_shape.empty(), where, "input_shape", "{}",
+                         "the shape of one sample without the batch dimension, e.g. {3, 224, 224}");
+  for (auto d : input_shape)
+    detail::check_argument(d > 0, where, "input_shape", c10::IntArrayRef(input_shape), "positive dimensions");
+  auto& m = const_cast<impl_of_t<Model>&>(detail::impl(model));
+  input_shape.insert(input_shape.begin(), 1);
+  auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  if (const auto p = m.parameters(); !p.empty()) options = options.device(p.front().device()).dtype(p.front().dtype());
+  return count_macs(model, torch::zeros(input_shape, options));
 }
 
 }  // namespace fasterai
