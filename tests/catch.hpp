@@ -18,3 +18,20 @@ inline Matchers::ContainsSubstringMatcher Contains(const std::string& text,
 #else
 #include <catch2/catch.hpp>
 #endif
+
+#include <cstdlib>
+#include <iostream>
+
+// A test that cannot run here (no Python oracle, no dataset, no oneDNN) says why and reports
+// SKIPPED, never passed: under CTest (which sets FASTERAI_UNDER_CTEST and treats exit code 77 as
+// a skip, tests/CMakeLists.txt) the process exits with 77; run by hand, the binary warns and
+// goes on with the next test case.
+#define FASTERAI_SKIP(why)                                                  \
+  do {                                                                      \
+    if (std::getenv("FASTERAI_UNDER_CTEST")) {                              \
+      std::cerr << "SKIPPED: " << why << std::endl;                         \
+      std::exit(77);                                                        \
+    }                                                                       \
+    WARN("SKIPPED: " << why);                                               \
+    return;                                                                 \
+  } while (false)

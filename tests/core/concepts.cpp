@@ -1,5 +1,5 @@
 // Module concepts: compile-time checks, positive and negative.
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/sequential.hpp>

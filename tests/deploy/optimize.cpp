@@ -1,7 +1,7 @@
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/deploy/cost_model.hpp>
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 #include <torch/script.h>
 
 #include <fasterai/core/latency.hpp>

@@ -5,7 +5,7 @@
 // workers write what they end with (weights, masks, validation numbers, checks) to files that
 // the parent compares with each other and with a single-process run it does itself.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/dist/checkpoint.hpp>

@@ -12,7 +12,7 @@
 
 #include <sys/resource.h>
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <algorithm>
 #include <chrono>

@@ -1,7 +1,7 @@
 // The unpickler under hostile input: deep nesting, memo amplification, reference cycles,
 // stride-0 views and the read limits. Every pickle is built here, opcode by opcode.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <cstdint>
 #include <limits>

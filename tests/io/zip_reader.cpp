@@ -2,7 +2,7 @@
 // LibTorch's own reader (and Python's torch.load) loads the damaged ones as garbage; this one
 // must refuse each with a message that says what is wrong.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <cstdint>
 #include <string>

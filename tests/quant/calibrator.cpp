@@ -1,7 +1,7 @@
 // Model-level quantization (quant/quantize_dynamic.hpp, quant/calibrator.hpp): structure of
 // the result, agreement with fp32, deterministic calibration, bad inputs that change nothing,
 // and save/load of the packed weights.
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <cstdio>
 #include <string>

@@ -1,7 +1,7 @@
 // Quantized models through TorchScript export (deploy/torchscript.hpp): while traced, the int8
 // layers pack their weights inside the forward, so the exported module holds the int8 weights
 // as attributes and packs them where it runs.
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <cstdio>
 #include <string>

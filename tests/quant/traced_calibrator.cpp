@@ -1,7 +1,7 @@
 // Static int8 quantization of any traceable module (quant/traced_calibrator.hpp): the BatchNorm
 // folding pass is exact on random users' modules; residual adds and concatenations stay int8;
 // the result agrees with fp32, is deterministic, saves and loads; bad inputs change nothing.
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <algorithm>
 #include <limits>

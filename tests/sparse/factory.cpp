@@ -1,4 +1,4 @@
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/models/compact_vgg.hpp>

@@ -1,4 +1,4 @@
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/models/compact_vgg.hpp>
@@ -408,8 +408,7 @@ TEST_CASE("an error in the model's forward leaves the Learner usable", "[learner
 TEST_CASE("Learner trains the compact VGG on a Fashion-MNIST subset", "[learner]") {
   const std::filesystem::path root = "/usr/share/datasets/fashion-mnist";
   if (!std::filesystem::exists(root / "train-images-idx3-ubyte.gz")) {
-    WARN("Fashion-MNIST is not installed at " << root << "; skipped");
-    return;
+    FASTERAI_SKIP("Fashion-MNIST is not installed at " << root);
   }
   using namespace fasterai::data;
   torch::manual_seed(0);

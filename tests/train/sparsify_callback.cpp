@@ -1,4 +1,4 @@
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/sparse/sparsifier_interface.hpp>
 #include <fasterai/train/learner.hpp>
