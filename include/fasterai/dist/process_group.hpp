@@ -49,6 +49,7 @@
 #endif
 
 #include <fasterai/core/error.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 
 namespace fasterai::dist {
 
@@ -267,7 +268,9 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
 #ifdef USE_C10D_NCCL
       auto o = c10d::ProcessGroupNCCL::Options::create();
       o->timeout = options_.timeout();
-      group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, env_.rank, env_.world_size, o);
+      group_ = libtorch::process_group<c10d::ProcessGroup>(
+          c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, env_.rank, env_.world_size, o),
+          store_, env_.rank, env_.world_size, c10::DeviceType::CUDA, /*nccl=*/true);
 #endif
     } else {
 #ifdef USE_C10D_GLOO
@@ -280,7 +283,9 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
         o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env_.master_addr));
       else
         o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store_, env_.rank, env_.world_size, o);
+      group_ = libtorch::process_group<c10d::ProcessGroup>(
+          c10::make_intrusive<c10d::ProcessGroupGloo>(store_, env_.rank, env_.world_size, o),
+          store_, env_.rank, env_.world_size, c10::DeviceType::CPU, /*nccl=*/false);
 #endif
     }
   } catch (const std::exception& e) {

@@ -35,6 +35,7 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/layer_walk.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/transform/rebuild.hpp>
 
@@ -150,8 +151,7 @@ inline DecomposeReport plan_decomposition(const std::vector<Layer>& all,
 // that the factors carry no more error than their final rounding to the weight's dtype.
 inline NamedSequential factorized_linear(const torch::nn::LinearImpl& linear, std::int64_t rank) {
   const auto& o = linear.options;
-  const auto [u, s, vh] = torch::linalg::svd(linear.weight.to(torch::kFloat64),
-                                             /*full_matrices=*/false, c10::nullopt);
+  const auto [u, s, vh] = libtorch::svd(linear.weight.to(torch::kFloat64));
   torch::nn::Linear first = placed_like(
       torch::nn::Linear(torch::nn::LinearOptions(o.in_features(), rank).bias(false)),
       linear.weight);

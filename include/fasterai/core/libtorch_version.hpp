@@ -1,0 +1,61 @@
+#pragma once
+// fasterai::libtorch: everything fasterai does differently on LibTorch 1.13 (Debian 12) and 2.x
+// (Debian 13's 2.6, the pytorch.org archives). This is the only header that looks at
+// TORCH_VERSION_MAJOR; the rest of the library calls the helpers below.
+//
+//   static_assert(fasterai::libtorch::major == TORCH_VERSION_MAJOR);
+//   std::cout << fasterai::libtorch::branch;   // "LibTorch 1.x" or "LibTorch 2.x"
+//
+// What differs, and how both are served:
+// - Linear algebra: Debian's 2.x headers have no <torch/linalg.h> (torch::linalg::svd); ATen's
+//   torch::linalg_svd / torch::linalg_svdvals exist in both, so the helpers call those.
+// - c10d: in 1.13 ProcessGroupGloo / ProcessGroupNCCL *are* c10d::ProcessGroups; in 2.x they are
+//   c10d::Backends that a c10d::ProcessGroup dispatches to per device type, as torch.distributed
+//   builds them (ProcessGroup(store, rank, size); setBackend(device, type, backend)).
+//   process_group() below takes a backend of either generation and returns the ProcessGroup.
+//   It is a template so that this header needs no c10d include: only dist/ instantiates it.
+
+#include <tuple>
+#include <utility>
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+namespace fasterai::libtorch {
+
+inline constexpr int major = TORCH_VERSION_MAJOR;
+inline constexpr int minor = TORCH_VERSION_MINOR;
+// True on LibTorch 2.x and later: the branch every helper below takes.
+inline constexpr bool v2 = TORCH_VERSION_MAJOR >= 2;
+inline constexpr const char* branch = v2 ? "LibTorch 2.x" : "LibTorch 1.x";
+
+// Reduced SVD of a matrix: U[m,k], S[k], Vh[k,n] with k = min(m, n) (full_matrices = false).
+inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> svd(const torch::Tensor& a) {
+  return torch::linalg_svd(a, /*full_matrices=*/false, c10::nullopt);
+}
+
+// Singular values of a matrix, in descending order.
+inline torch::Tensor svdvals(const torch::Tensor& a) {
+  return torch::linalg_svdvals(a, c10::nullopt);
+}
+
+// The c10d::ProcessGroup that carries collectives on `device` through `backend` (a
+// ProcessGroupGloo or ProcessGroupNCCL made with `store`, `rank` and `size`). `nccl` says which
+// of the two it is. On 1.13 the backend is itself the process group.
+template <class Group, class BackendImpl, class Store>
+c10::intrusive_ptr<Group> process_group(c10::intrusive_ptr<BackendImpl> backend,
+                                        const c10::intrusive_ptr<Store>& store, int rank,
+                                        int size, c10::DeviceType device, bool nccl) {
+  if constexpr (v2) {
+    auto group = c10::make_intrusive<Group>(store, rank, size);
+    const auto type = nccl ? Group::BackendType::NCCL : Group::BackendType::GLOO;
+    group->setDefaultBackend(type);
+    group->setBackend(device, type, backend);
+    return group;
+  } else {
+    (void)store, (void)rank, (void)size, (void)device, (void)nccl;
+    return backend;
+  }
+}
+
+}  // namespace fasterai::libtorch
