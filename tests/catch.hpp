@@ -10,8 +10,8 @@ using Catch::Approx;
 
 namespace Catch {
 // v3 renamed the substring matcher; v2's name is what the tests use.
-inline Matchers::ContainsSubstringMatcher Contains(const std::string& text,
-                                                   CaseSensitive sensitivity = CaseSensitive::Yes) {
+inline auto Contains(const std::string& text,
+                     CaseSensitive sensitivity = CaseSensitive::Yes) {
   return Matchers::ContainsSubstring(text, sensitivity);
 }
 }  // namespace Catch
