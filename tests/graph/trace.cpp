@@ -1,6 +1,6 @@
 // Tracing: the graph of users' own modules, its couplings, barriers and errors.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <algorithm>
 #include <string>

@@ -10,7 +10,7 @@
 // OpenBLAS (a project dependency; the reference LAPACK that Debian's libtorch falls back to
 // without it takes over ten minutes). Tagged [slow] so that "~[slow]" can leave it out.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/models/vgg.hpp>

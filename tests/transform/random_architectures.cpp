@@ -6,7 +6,7 @@
 //   - the input model is never modified.
 // Each case is seeded; on failure INFO prints the seed and the architecture.
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <array>
 #include <random>

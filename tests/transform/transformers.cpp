@@ -2,7 +2,7 @@
 // ConvNeXt's MLPs removed exactly over random architectures; the hidden size that LayerNorms
 // normalise over removed only when asked (approximate), and reported.
 
-#include <catch.hpp>
+#include "catch.hpp"
 
 #include <cstdint>
 #include <random>
