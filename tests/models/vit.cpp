@@ -75,6 +75,10 @@ TEST_CASE("ViT: MLP units removed exactly through the graph, attention and hidde
     torch::NoGradGuard no_grad;
     const auto after = vit->forward(x);
     CHECK((after - before).abs().max().item<double>() <= 1e-5 * before.abs().max().item<double>());
+    // clone() copies the pruned widths.
+    auto copy = models::VisionTransformer(std::dynamic_pointer_cast<models::VisionTransformerImpl>(vit->clone()));
+    CHECK(torch::equal(copy->forward(x), after));
+    CHECK(count_parameters(copy) == count_parameters(vit));
   }
   // Each MLP unit costs 2·hidden MACs per token (17 tokens: 16 patches and the class token).
   CHECK(macs_before - count_macs(vit, {3, 32, 32}).total() == 48 * 2 * 32 * 17);

@@ -44,11 +44,19 @@ struct VisionTransformerOptions {
 };
 
 // One pre-norm encoder block: x + attention(ln_1(x)), then + mlp(ln_2(·)).
-class EncoderBlockImpl : public torch::nn::Module {
+class EncoderBlockImpl : public torch::nn::Cloneable<EncoderBlockImpl> {
  public:
   EncoderBlockImpl(std::int64_t num_heads, std::int64_t hidden_dim, std::int64_t mlp_dim, double dropout,
-                   double attention_dropout) {
+                   double attention_dropout)
+      : num_heads_(num_heads), hidden_dim_(hidden_dim), mlp_dim_(mlp_dim), dropout_p_(dropout),
+        attention_dropout_(attention_dropout) {
+    reset();
+  }
+
+  void reset() override {
     using namespace torch::nn;
+    const auto num_heads = num_heads_, hidden_dim = hidden_dim_, mlp_dim = mlp_dim_;
+    const double dropout = dropout_p_, attention_dropout = attention_dropout_;
     ln_1 = register_module("ln_1", LayerNorm(LayerNormOptions({hidden_dim}).eps(1e-6)));
     self_attention = register_module(
         "self_attention", MultiheadAttention(MultiheadAttentionOptions(hidden_dim, num_heads).dropout(attention_dropout)));
@@ -81,14 +89,22 @@ class EncoderBlockImpl : public torch::nn::Module {
   fasterai::NamedSequential mlp{nullptr};
 
  private:
+  std::int64_t num_heads_, hidden_dim_, mlp_dim_;
+  double dropout_p_, attention_dropout_;
   torch::nn::Dropout dropout_{nullptr};
 };
 TORCH_MODULE(EncoderBlock);
 
 // The position embedding, the blocks and the final LayerNorm.
-class EncoderImpl : public torch::nn::Module {
+class EncoderImpl : public torch::nn::Cloneable<EncoderImpl> {
  public:
-  EncoderImpl(std::int64_t seq_length, const VisionTransformerOptions& o) {
+  EncoderImpl(std::int64_t seq_length, const VisionTransformerOptions& o) : seq_length_(seq_length), options_(o) {
+    reset();
+  }
+
+  void reset() override {
+    const auto seq_length = seq_length_;
+    const auto& o = options_;
     pos_embedding = register_parameter("pos_embedding", torch::empty({1, seq_length, o.hidden_dim()}));
     {
       torch::NoGradGuard no_grad;
@@ -109,13 +125,19 @@ class EncoderImpl : public torch::nn::Module {
   torch::nn::LayerNorm ln{nullptr};
 
  private:
+  std::int64_t seq_length_;
+  VisionTransformerOptions options_;
   torch::nn::Dropout dropout_{nullptr};
 };
 TORCH_MODULE(Encoder);
 
-class VisionTransformerImpl : public torch::nn::Module {
+// Cloneable: clone() is a deep copy, also after pruning changed the widths of its layers.
+class VisionTransformerImpl : public torch::nn::Cloneable<VisionTransformerImpl> {
  public:
-  explicit VisionTransformerImpl(const VisionTransformerOptions& o) : options(o) {
+  explicit VisionTransformerImpl(const VisionTransformerOptions& o) : options(o) { reset(); }
+
+  void reset() override {
+    const auto& o = options;
     constexpr auto where = "fasterai::models::VisionTransformer";
     fasterai::detail::check_argument(o.patch_size() > 0 && o.image_size() > 0 && o.image_size() % o.patch_size() == 0, where,
                            "image_size", o.image_size(), "a positive multiple of patch_size");
