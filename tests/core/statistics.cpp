@@ -103,7 +103,7 @@ TEST_CASE("MAC count restores train mode and rejects bad shapes", "[statistics]"
   CHECK(m->named_children()["bn"]->is_training());
   CHECK_THROWS(count_macs(m, {5, 8, 8}));  // the conv expects 3 channels
   CHECK(m->named_children()["conv"]->is_training());
-  CHECK_THROWS_WITH(count_macs(m, {}), Catch::Contains("input_shape"));
+  CHECK_THROWS_WITH(count_macs(m, std::vector<std::int64_t>{}), Catch::Contains("input_shape"));
   CHECK_THROWS_WITH(count_macs(m, {3, 0, 8}), Catch::Contains("input_shape") &&
                                                  Catch::Contains("positive"));
 }
