@@ -27,3 +27,24 @@ function(fasterai_target name)
   target_link_libraries(${name} PRIVATE fasterai_strict)
   target_precompile_headers(${name} REUSE_FROM fasterai_pch)
 endfunction()
+
+# FASTERAI_HEADER_CHECK: one translation unit per public header, each including it twice, built
+# as the target fasterai_header_check (the LibTorch 2.x leg of scripts/compat.sh builds it, so
+# that every header compiles against both LibTorch generations, not only those the tests use).
+# The units share the precompiled header: this checks headers against LibTorch's API, not that
+# each one names every standard header it uses.
+option(FASTERAI_HEADER_CHECK "Compile every public header in its own translation unit" OFF)
+if(FASTERAI_HEADER_CHECK)
+  file(GLOB_RECURSE fasterai_headers CONFIGURE_DEPENDS RELATIVE ${PROJECT_SOURCE_DIR}/include
+       ${PROJECT_SOURCE_DIR}/include/fasterai/*.hpp)
+  set(fasterai_header_units)
+  foreach(header IN LISTS fasterai_headers)
+    string(MAKE_C_IDENTIFIER ${header} unit)
+    set(unit ${PROJECT_BINARY_DIR}/header_check/${unit}.cpp)
+    file(CONFIGURE OUTPUT ${unit} CONTENT "#include <${header}>\n#include <${header}>\n")
+    list(APPEND fasterai_header_units ${unit})
+  endforeach()
+  add_library(fasterai_header_check OBJECT ${fasterai_header_units})
+  target_link_libraries(fasterai_header_check PRIVATE fasterai_strict)
+  target_precompile_headers(fasterai_header_check REUSE_FROM fasterai_pch)
+endif()
