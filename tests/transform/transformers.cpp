@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include <fasterai/graph/trace.hpp>
+#include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/transform/pruner.hpp>
 
 #include "random_transformers.hpp"
@@ -207,4 +208,60 @@ TEST_CASE("transformers: MultiheadAttention is a barrier named in the report, it
   CHECK(report.exact());
   torch::NoGradGuard no_grad;
   CHECK(relative_error(block->forward(x), before) <= 1e-5);
+}
+
+TEST_CASE("transformers: the Sparsifier selects the hidden size only when asked, the Pruner then removes it",
+          "[pruner][sparsifier][transformers]") {
+  int tried = 0;
+  for (int k = 0; k < 80 && tried < 10; ++k) {
+    const std::uint64_t seed = 9500 + std::uint64_t(k);
+    torch::manual_seed(seed);
+    RandomTransformer probe(seed);
+    // The stream's producers must all be layers the Sparsifier scores (a Conv2d patch or stem
+    // convolution, Linears): not an Embedding or a Conv1d; and no MultiheadAttention (a barrier).
+    const bool eligible = (probe->kind == RandomTransformerImpl::Vision || probe->kind == RandomTransformerImpl::ConvNeXt) &&
+                          !has_mha(probe);
+    if (!eligible) continue;
+    ++tried;
+    INFO("case " << k << ": " << probe->description);
+    const auto x = probe->example(2);
+    auto width = [](RandomTransformer& net) { return net->head->weight.size(1); };
+    const auto d = width(probe);
+    {
+      INFO("exact");
+      torch::manual_seed(seed);
+      RandomTransformer net(seed);
+      net->eval();
+      Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(net, x,
+                                                                           SparsifierOptions(50).include_linear(true));
+      sparsifier.prune(50);
+      CHECK(Pruner(PrunerOptions().approximate(true)).prune_(net, x).exact());
+      CHECK(width(net) == d);
+    }
+    torch::manual_seed(seed);
+    RandomTransformer net(seed);
+    net->eval();
+    Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(
+        net, x, SparsifierOptions(50).include_linear(true).approximate(true));
+    sparsifier.prune(50);
+    // Zeroed in every producer, norm and free parameter: the model still runs on the zeros.
+    {
+      torch::NoGradGuard no_grad;
+      CHECK(torch::isfinite(net->forward(x)).all().item<bool>());
+    }
+    CHECK(Pruner().prune_(net, x).exact());  // without the option the stream stays
+    CHECK(width(net) == d);
+    const auto report = Pruner(PrunerOptions().approximate(true)).prune_(net, x);
+    CHECK_FALSE(report.exact());
+    CHECK(width(net) == d - d / 2);
+    if (net->class_token_used) CHECK(net->class_token.size(2) == d - d / 2);
+    if (net->pos_embedding.defined()) CHECK(net->pos_embedding.size(2) == d - d / 2);
+    for (auto& s : net->stages)
+      if (auto* b = s->as<ConvNeXtBlockImpl>()) CHECK(b->gamma.size(0) == d - d / 2);
+    net->zero_grad();
+    const auto y = net->forward(x);
+    CHECK(torch::isfinite(y).all().item<bool>());
+    y.sum().backward();
+  }
+  CHECK(tried == 10);
 }

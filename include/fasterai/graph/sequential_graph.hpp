@@ -72,7 +72,7 @@ Graph graph_of(const Model& model) {
       } else if (rule->role == LayerRole::Producer) {
         v = b.layer(rule, rule->kind, l.name, v, w.out, groups);
       } else {
-        v = b.norm(rule, rule->kind, l.name, v, groups, rule->role == LayerRole::Normalizing);
+        v = b.norm(rule, rule->kind, l.name, v, groups, normalizes_across(*rule, groups));
       }
       flat = w.flat || flat;
       continue;

@@ -337,8 +337,8 @@ class Tracer {
           return builder_.layer(rule, n.name(), owner.module, in, channels_of(shape, out_cd), groups, shape, out_cd);
         if ((rule->role == LayerRole::Norm || rule->role == LayerRole::Normalizing) && shape == in_shape &&
             iv.channels() % groups == 0)
-          return builder_.norm(rule, n.name(), owner.module, in, groups, rule->role == LayerRole::Normalizing,
-                               shape, out_cd);
+          return builder_.norm(rule, n.name(), owner.module, in, groups, normalizes_across(*rule, groups), shape,
+                               out_cd);
       }
     }
     for (const auto& name : modules) reached_.insert(name);

@@ -107,6 +107,16 @@ inline std::int64_t groups_of(const LayerRule& rule, const torch::nn::Module& m)
   return rule.groups ? rule.groups(m) : 1;
 }
 
+}  // namespace detail
+
+// Whether a norm's statistics span all the channels it reads: a LayerNorm, or a grouped norm
+// with one group (GroupNorm(1, C)); removing one of its channels is then approximate.
+inline bool normalizes_across(const LayerRule& rule, std::int64_t groups) {
+  return rule.role == LayerRole::Normalizing || (rule.role == LayerRole::Norm && rule.groups && groups == 1);
+}
+
+namespace detail {
+
 // Which output channels of a module are exact zeros whatever it reads: every defined
 // zero-deciding tensor is zero along the channel (and at least one is defined: a norm without
 // affine parameters emits −μ/σ for a zero input).

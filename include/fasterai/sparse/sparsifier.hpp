@@ -86,6 +86,11 @@ struct SparsifierOptions {
   // multiple of this many channels (or all of them): convolution kernels often run fastest at
   // widths that are multiples of 8 or 16.
   TORCH_ARG(std::int64_t, round_to) = 1;
+  // Filter granularity: also select channels a LayerNorm normalises over (a transformer's
+  // hidden size, ConvNeXt's stage widths), zeroing with them their norms' γ and β and the free
+  // parameters added to or multiplied with them (class token, position embedding, layer
+  // scale). Removing them is approximate: prune with PrunerOptions::approximate, fine-tune.
+  TORCH_ARG(bool, approximate) = false;
 };
 
 // Whether the sparsifier can find its groups without running the model: any granularity on a
@@ -121,7 +126,7 @@ class Sparsifier final : public SparsifierInterface {
       : options_(std::move(options)), schedule_(std::move(schedule)) {
     const LayerView all = layers(model);
     select_layers(all);
-    if constexpr (Granularity::whole_channel) bind_channels(graph_of(model), all);
+    if constexpr (Granularity::whole_channel) bind_channels(graph_of(model), detail::impl(model));
     if (detail::keeps_masks(schedule_)) adopt_zero_groups();
   }
 
@@ -133,7 +138,7 @@ class Sparsifier final : public SparsifierInterface {
       : options_(std::move(options)), schedule_(std::move(schedule)) {
     const LayerView all = layers(model);
     select_layers(all);
-    if constexpr (Granularity::whole_channel) bind_channels(trace(model, example), all);
+    if constexpr (Granularity::whole_channel) bind_channels(trace(model, example), detail::impl(model));
     if (detail::keeps_masks(schedule_)) adopt_zero_groups();
   }
 
@@ -250,7 +255,8 @@ class Sparsifier final : public SparsifierInterface {
   struct ChannelTensor {
     torch::Tensor tensor;     // shares the module's tensor
     torch::Tensor units;      // long [C]: the graph unit of each channel
-    torch::Tensor keep;       // 1/0 multipliers in the tensor's dtype
+    torch::Tensor keep;       // 1/0 multipliers in the tensor's dtype, shaped to broadcast
+    std::int64_t dim = 0;     // the tensor's channel dimension (a position embedding's last)
   };
 
   struct Computed {
@@ -325,19 +331,25 @@ class Sparsifier final : public SparsifierInterface {
 
   // Filter granularity: the coupled groups of the graph whose units the sparsifier may zero —
   // those the Pruner can remove once zeroed, all of whose producing layers are selected.
-  void bind_channels(const Graph& g, const LayerView& all) {
+  void bind_channels(const Graph& g, const torch::nn::Module& model) {
     const auto n_units = static_cast<std::int64_t>(g.units().size());
     const std::int64_t none = n_units;  // a slot that is never pruned
     auto all_zero = [&](const GraphNode& n) {
       return std::vector<char>(static_cast<std::size_t>(g.values()[n.output].channels()), 1);
     };
-    std::vector<char> candidate = detail::removable_units(g, detail::zero_channels(g, all_zero));
+    std::vector<char> candidate =
+        detail::removable_units(g, detail::zero_channels(g, all_zero), options_.approximate());
     std::map<std::string, std::size_t> target_of;
     for (std::size_t i = 0; i < targets_.size(); ++i) target_of[targets_[i].layer.name] = i;
+    std::set<std::string> free_parameters;  // zeroed with their channels, never scored
+    for (const auto& n : g.nodes())
+      if (n.kind == OpKind::Parameter) free_parameters.insert(parameter_name(n));
     for (const auto& group : g.groups()) {
-      const bool selected = !group.producers.empty() &&
+      const bool selected =
+          std::any_of(group.producers.begin(), group.producers.end(),
+                      [&](const std::string& p) { return target_of.count(p) != 0; }) &&
           std::all_of(group.producers.begin(), group.producers.end(),
-                      [&](const std::string& p) { return target_of.count(p) != 0; });
+                      [&](const std::string& p) { return target_of.count(p) != 0 || free_parameters.count(p) != 0; });
       if (!selected)
         for (auto u : group.units) candidate[u] = 0;
     }
@@ -359,21 +371,27 @@ class Sparsifier final : public SparsifierInterface {
       return torch::tensor(idx, torch::kLong);
     };
     for (auto& t : targets_) t.units = torch::full({t.layer.weight().size(0)}, none, torch::kLong);
+    std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+    for (const auto& item : model.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
     std::set<std::string> seen;
     for (const auto& n : g.nodes()) {
+      if (n.kind == OpKind::Parameter) {
+        if (!seen.insert(parameter_name(n)).second) continue;
+        const auto idx = unit_index(g.units_of(n.output));
+        if ((idx != none).any().template item<bool>())
+          channel_tensors_.push_back({detail::layer_tensor(*modules.at(n.module), n.parameter), idx, {}, n.parameter_dim});
+        continue;
+      }
       if (n.module.empty() || !seen.insert(n.module).second) continue;  // first call of a module
       const auto units = g.units_of(n.output);
       if (n.kind == OpKind::Norm) {
         // Its γ and β are zeroed with the unit, so that the norm emits zeros there.
         const auto idx = unit_index(units);
-        if ((idx != none).any().template item<bool>()) {
-          const auto layer = std::find_if(all.begin(), all.end(), [&](const Layer& l) { return l.name == n.module; });
-          if (layer == all.end()) continue;
+        if ((idx != none).any().template item<bool>())
           for (const auto& t : n.rule->tensors)
             if (t.decides_zero && t.out_dim == 0)
-              if (auto x = detail::layer_tensor(*layer->handle, t.name); x.defined() && x.dim() == 1)
-                channel_tensors_.push_back({x, idx, {}});
-        }
+              if (auto x = detail::layer_tensor(*modules.at(n.module), t.name); x.defined() && x.dim() == 1)
+                channel_tensors_.push_back({x, idx, {}, 0});
         continue;
       }
       if (n.kind != OpKind::Layer) continue;
@@ -381,7 +399,7 @@ class Sparsifier final : public SparsifierInterface {
       if (it == target_of.end()) continue;
       Target& t = targets_[it->second];
       t.units = unit_index(units);
-      if (const auto& b = t.layer.bias(); b.defined()) channel_tensors_.push_back({b, t.units, {}});
+      if (const auto& b = t.layer.bias(); b.defined()) channel_tensors_.push_back({b, t.units, {}, 0});
       std::map<std::int64_t, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> by_coupled;
       for (std::size_t o = 0; o < units.size(); ++o) {
         if (!candidate[units[o]]) continue;
@@ -633,8 +651,13 @@ class Sparsifier final : public SparsifierInterface {
                      channels.sum().template item<std::int64_t>()});
     }
     std::vector<torch::Tensor> keeps;
-    for (const auto& ct : channel_tensors_)
-      keeps.push_back(torch::logical_not(pruned.index_select(0, ct.units)).to(ct.tensor.options().requires_grad(false)));
+    for (const auto& ct : channel_tensors_) {
+      std::vector<std::int64_t> shape(static_cast<std::size_t>(ct.tensor.dim()), 1);
+      shape[static_cast<std::size_t>(ct.dim)] = ct.units.numel();
+      keeps.push_back(torch::logical_not(pruned.index_select(0, ct.units))
+                          .to(ct.tensor.options().requires_grad(false))
+                          .view(shape));
+    }
     unit_pruned_ = pruned;  // commit
     for (std::size_t i = 0; i < coupled_.size(); ++i) coupled_[i].pruned_count = counts[i];
     for (std::size_t i = 0; i < targets_.size(); ++i)
