@@ -75,7 +75,12 @@ TEST_CASE("ConvNeXt: MLP units removed exactly through permutes and LayerNorms, 
   CHECK(block(net, 1, 0).layer_scale.size(0) == 8);  // the stage width is kept
   {
     torch::NoGradGuard no_grad;
-    CHECK((net->forward(x) - before).abs().max().item<double>() <= 1e-5 * before.abs().max().item<double>());
+    const auto after = net->forward(x);
+    CHECK((after - before).abs().max().item<double>() <= 1e-5 * before.abs().max().item<double>());
+    // clone() copies the pruned widths (and keeps LayerNorm2d a LayerNorm2d).
+    auto copy = models::ConvNeXt(std::dynamic_pointer_cast<models::ConvNeXtImpl>(net->clone()));
+    CHECK(torch::equal(copy->forward(x), after));
+    CHECK(count_parameters(copy) == count_parameters(net));
   }
   // A unit of a block's MLP costs 2·width MACs per position (8·8 in stage 1, 4·4 in stage 3).
   CHECK(macs_before - count_macs(net, {3, 32, 32}).total() == 10 * 2 * 8 * 64 + 20 * 2 * 16 * 16);

@@ -25,9 +25,10 @@
 namespace fasterai::models {
 
 // torchvision's Permute: a parameter-free module, so that a block is one Sequential.
-class PermuteImpl : public torch::nn::Module {
+class PermuteImpl : public torch::nn::Cloneable<PermuteImpl> {
  public:
   explicit PermuteImpl(std::vector<std::int64_t> dims) : dims_(std::move(dims)) {}
+  void reset() override {}
   torch::Tensor forward(const torch::Tensor& x) { return x.permute(dims_); }
 
  private:
@@ -45,13 +46,25 @@ class LayerNorm2dImpl : public torch::nn::LayerNormImpl {
     return torch::layer_norm(x.permute({0, 2, 3, 1}), options.normalized_shape(), weight, bias, options.eps())
         .permute({0, 3, 1, 2});
   }
+  // A LayerNorm2d again (LayerNorm's own clone would make a plain LayerNorm of it).
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<torch::Device>& device = c10::nullopt) const override {
+    auto copy = std::make_shared<LayerNorm2dImpl>(options.normalized_shape().front());
+    copy->options = options;
+    torch::NoGradGuard no_grad;
+    copy->weight.set_data(device ? weight.to(*device) : weight.clone());
+    copy->bias.set_data(device ? bias.to(*device) : bias.clone());
+    return copy;
+  }
 };
 TORCH_MODULE(LayerNorm2d);
 
-class CNBlockImpl : public torch::nn::Module {
+class CNBlockImpl : public torch::nn::Cloneable<CNBlockImpl> {
  public:
-  CNBlockImpl(std::int64_t dim, double layer_scale_init) {
+  CNBlockImpl(std::int64_t dim, double layer_scale_init) : dim_(dim), layer_scale_init_(layer_scale_init) { reset(); }
+
+  void reset() override {
     using namespace torch::nn;
+    const auto dim = dim_;
     block = register_module("block", fasterai::NamedSequential());
     block->push_back("0", Conv2d(Conv2dOptions(dim, dim, 7).padding(3).groups(dim)));
     block->push_back("1", Permute(std::vector<std::int64_t>{0, 2, 3, 1}));
@@ -60,13 +73,17 @@ class CNBlockImpl : public torch::nn::Module {
     block->push_back("4", GELU());
     block->push_back("5", Linear(4 * dim, dim));
     block->push_back("6", Permute(std::vector<std::int64_t>{0, 3, 1, 2}));
-    layer_scale = register_parameter("layer_scale", torch::full({dim, 1, 1}, layer_scale_init));
+    layer_scale = register_parameter("layer_scale", torch::full({dim, 1, 1}, layer_scale_init_));
   }
   // Stochastic depth is the identity at inference, and fasterai fine-tunes without it.
   torch::Tensor forward(const torch::Tensor& input) { return layer_scale * block(input) + input; }
 
   fasterai::NamedSequential block{nullptr};
   torch::Tensor layer_scale;
+
+ private:
+  std::int64_t dim_;
+  double layer_scale_init_;
 };
 TORCH_MODULE(CNBlock);
 
@@ -86,10 +103,14 @@ struct ConvNeXtOptions {
   TORCH_ARG(std::int64_t, num_classes) = 1000;
 };
 
-class ConvNeXtImpl : public torch::nn::Module {
+// Cloneable: clone() is a deep copy, also after pruning changed the widths of its layers.
+class ConvNeXtImpl : public torch::nn::Cloneable<ConvNeXtImpl> {
  public:
-  explicit ConvNeXtImpl(const ConvNeXtOptions& o) : options(o) {
+  explicit ConvNeXtImpl(const ConvNeXtOptions& o) : options(o) { reset(); }
+
+  void reset() override {
     using namespace torch::nn;
+    const auto& o = options;
     constexpr auto where = "fasterai::models::ConvNeXt";
     fasterai::detail::check_argument(!o.block_setting().empty(), where, "block_setting", "empty",
                                      "at least one stage");
