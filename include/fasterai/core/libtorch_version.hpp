@@ -14,6 +14,9 @@
 //   builds them (ProcessGroup(store, rank, size); setBackend(device, type, backend)).
 //   process_group() below takes a backend of either generation and returns the ProcessGroup.
 //   It is a template so that this header needs no c10d include: only dist/ instantiates it.
+// - c10d's TCPStore: from 2.4 its server defaults to libuv, which Debian's 2.6 is built without
+//   ("use_libuv was requested but PyTorch was build without libuv support");
+//   tcp_store_options() asks for the classic server, which every version has.
 
 #include <tuple>
 #include <utility>
@@ -56,6 +59,13 @@ c10::intrusive_ptr<Group> process_group(c10::intrusive_ptr<BackendImpl> backend,
     (void)store, (void)rank, (void)size, (void)device, (void)nccl;
     return backend;
   }
+}
+
+// `options` (a c10d::TCPStoreOptions) with the store server every LibTorch build has.
+template <class StoreOptions>
+StoreOptions tcp_store_options(StoreOptions options) {
+  if constexpr (requires { options.useLibUV; }) options.useLibUV = false;
+  return options;
 }
 
 }  // namespace fasterai::libtorch

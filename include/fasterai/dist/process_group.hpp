@@ -239,7 +239,8 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
   store_options.waitWorkers = false;  // joining is checked below, with names
   store_options.timeout = options_.timeout();
   try {
-    store_ = c10::make_intrusive<c10d::TCPStore>(env_.master_addr, store_options);
+    store_ = c10::make_intrusive<c10d::TCPStore>(env_.master_addr,
+                                                 libtorch::tcp_store_options(store_options));
   } catch (const std::exception& e) {
     std::ostringstream os;
     os << where << ": rank " << env_.rank << " of " << env_.world_size
