@@ -116,8 +116,9 @@ struct NM {
   // [out, in, ...] -> [out, ..., in / M, M]: blocks run along the input dimension.
   static torch::Tensor blocks(const torch::Tensor& w) {
     auto moved = w.dim() > 2 ? w.movedim(1, -1) : w;
-    auto sizes = moved.sizes().vec();
-    sizes.back() /= M;
+    // Built from the front (GCC 14 cannot prove a `back()` of the sizes non-empty).
+    std::vector<std::int64_t> sizes(moved.sizes().begin(), moved.sizes().end() - 1);
+    sizes.push_back(moved.size(-1) / M);
     sizes.push_back(M);
     return moved.reshape(sizes);
   }
