@@ -37,7 +37,7 @@ std::pair<double, double> factorization_errors(const torch::Tensor& w, const tor
   const auto wd = w.to(torch::kFloat64);
   const auto approx = second.to(torch::kFloat64).mm(first.to(torch::kFloat64));
   const double error = (wd - approx).norm().item<double>();
-  const auto s = torch::linalg::svdvals(wd, c10::nullopt);
+  const auto s = torch::linalg_svdvals(wd);  // ATen's: Debian's 2.x has no <torch/linalg.h>
   const double eckart_young = s.narrow(0, rank, s.size(0) - rank).pow(2).sum().sqrt().item<double>();
   return {error, eckart_young};
 }
