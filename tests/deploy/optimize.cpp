@@ -8,6 +8,7 @@
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 
 #include "python_oracle.hpp"
 
@@ -50,12 +51,7 @@ void trained_looking(torch::nn::Module& model) {
   }
 }
 
-struct CollectWarnings : c10::WarningHandler {
-  std::vector<std::string> messages;
-  void process(const c10::SourceLocation&, const std::string& msg, bool) override {
-    messages.push_back(msg);
-  }
-};
+using CollectWarnings = libtorch::WarningCollector;
 
 double relative_difference(const torch::Tensor& a, const torch::Tensor& b) {
   return ((a - b).abs().max() / b.abs().max()).item<double>();
@@ -104,7 +100,7 @@ TEST_CASE("optimize_for_inference: a user's module in training mode is optimized
 
   CollectWarnings warnings;
   InferenceModel fast = [&] {
-    c10::Warning::WarningHandlerGuard guard(&warnings);
+    libtorch::WarningHandlerGuard guard(&warnings);
     return optimize_for_inference(model, x);
   }();
   REQUIRE(warnings.messages.size() == 1);

@@ -4,6 +4,7 @@
 #include <torch/script.h>
 
 #include <fasterai/models/compact_vgg.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 
 #include "python_oracle.hpp"
 
@@ -47,11 +48,7 @@ struct PairOutImpl : torch::nn::Module {
 };
 TORCH_MODULE(PairOut);
 
-struct CollectWarnings : c10::WarningHandler {
-  std::vector<std::string> messages;
-  void process(const c10::SourceLocation&, const std::string& msg, bool) override {
-    messages.push_back(msg);
-  }
+struct CollectWarnings : libtorch::WarningCollector {
   bool any_contains(const std::string& s) const {
     return std::any_of(messages.begin(), messages.end(),
                        [&](const std::string& m) { return m.find(s) != std::string::npos; });
@@ -150,7 +147,7 @@ TEST_CASE("to_torchscript warns where the forward depends on data", "[torchscrip
   auto model = Branchy();
   model->eval();
   CollectWarnings warnings;
-  c10::Warning::WarningHandlerGuard guard(&warnings);
+  libtorch::WarningHandlerGuard guard(&warnings);
   torch::jit::Module exported = to_torchscript(model, torch::ones({1, 4}));
   CHECK(warnings.any_contains("aten::sum"));  // what fed item(): the tracer skips item itself
   CHECK(warnings.any_contains("one path"));
@@ -161,7 +158,7 @@ TEST_CASE("to_torchscript warns where the forward depends on data", "[torchscrip
 
   SECTION("a straight-line forward gives no warning") {
     CollectWarnings quiet;
-    c10::Warning::WarningHandlerGuard inner(&quiet);
+    libtorch::WarningHandlerGuard inner(&quiet);
     auto plain = models::compact_vgg();
     plain->eval();
     to_torchscript(plain, torch::randn({1, 1, 28, 28}));

@@ -17,9 +17,14 @@
 // - c10d's TCPStore: from 2.4 its server defaults to libuv, which Debian's 2.6 is built without
 //   ("use_libuv was requested but PyTorch was build without libuv support");
 //   tcp_store_options() asks for the classic server, which every version has.
+// - c10's warning handlers: 1.13 calls process(location, message, verbatim) and scopes a handler
+//   with c10::Warning::WarningHandlerGuard; 2.x calls process(const c10::Warning&) and has
+//   c10::WarningUtils::WarningHandlerGuard. WarningCollector and WarningHandlerGuard serve both.
 
+#include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <torch/torch.h>
 #include <torch/version.h>
@@ -67,5 +72,24 @@ StoreOptions tcp_store_options(StoreOptions options) {
   if constexpr (requires { options.useLibUV; }) options.useLibUV = false;
   return options;
 }
+
+// A warning handler that keeps the messages LibTorch warns with (TORCH_WARN), for code and tests
+// that check what was said; install it for a scope with WarningHandlerGuard.
+class WarningCollector : public c10::WarningHandler {
+ public:
+  std::vector<std::string> messages;
+#if TORCH_VERSION_MAJOR >= 2
+  void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
+#else
+  void process(const c10::SourceLocation&, const std::string& message, bool) override {
+    messages.push_back(message);
+  }
+#endif
+};
+#if TORCH_VERSION_MAJOR >= 2
+using WarningHandlerGuard = c10::WarningUtils::WarningHandlerGuard;
+#else
+using WarningHandlerGuard = c10::Warning::WarningHandlerGuard;
+#endif
 
 }  // namespace fasterai::libtorch
