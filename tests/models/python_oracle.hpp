@@ -13,6 +13,8 @@
 
 #include <torch/torch.h>
 
+#include <fasterai/io/state_dict.hpp>
+
 #include "catch.hpp"
 
 namespace fasterai::testing {
@@ -67,6 +69,27 @@ inline void check_logits_close(const torch::Tensor& logits, const torch::Tensor&
   INFO("max |logit| " << scale << ", max |difference| " << difference);
   CHECK(scale > 0.0);
   CHECK(difference <= 1e-4 * scale);
+}
+
+// The two directions of a state_dict exchange with the oracle script, which wrote `python.pt`
+// (its model's weights) and `io.pt` (an input, its logits, and the logits of its model after
+// loading `ours`' weights): Python's weights in a fresh model of ours give Python's logits, and
+// ours in Python's model give ours.
+template <class Make, class Model>
+void check_logits_both_ways(const TempDir& dir, Make make, Model& ours) {
+  auto io = read_state_dict(dir.path / "io.pt");
+  torch::NoGradGuard no_grad;
+  {
+    INFO("Python's weights in our model");
+    auto model = make();
+    load_state_dict(*model, dir.path / "python.pt");
+    model->eval();
+    check_logits_close(model->forward(io["input"]), io["logits"]);
+  }
+  {
+    INFO("our weights in Python's model");
+    check_logits_close(ours->forward(io["input"]), io["ours_logits"]);
+  }
 }
 
 }  // namespace fasterai::testing

@@ -117,17 +117,5 @@ with torch.no_grad():
 )");
   CHECK(parameter_lines(*models::vit_b_16(1000)) == read_lines(dir.path / "shapes.txt"));
 
-  const auto io = read_state_dict(dir.path / "io.pt");
-  torch::NoGradGuard no_grad;
-  {
-    INFO("Python's weights in our model");
-    auto model = models::vit(small_vit());
-    load_state_dict(*model, dir.path / "python.pt");
-    model->eval();
-    check_logits_close(model->forward(io["input"]), io["logits"]);
-  }
-  {
-    INFO("our weights in torchvision's model");
-    check_logits_close(ours->forward(io["input"]), io["ours_logits"]);
-  }
+  check_logits_both_ways(dir, [] { return models::vit(small_vit()); }, ours);
 }
