@@ -117,6 +117,11 @@ inline bool normalizes_across(const LayerRule& rule, std::int64_t groups) {
 
 namespace detail {
 
+// Which slices of `x` along `dim` hold only zeros: bool [x.size(dim)].
+inline torch::Tensor zero_slices(const torch::Tensor& x, std::int64_t dim) {
+  return x.detach().movedim(dim, 0).reshape({x.size(dim), -1}).eq(0).all(1);
+}
+
 // Which output channels of a module are exact zeros whatever it reads: every defined
 // zero-deciding tensor is zero along the channel (and at least one is defined: a norm without
 // affine parameters emits −μ/σ for a zero input).
@@ -127,7 +132,7 @@ inline std::vector<char> zero_outputs(const LayerRule& rule, const torch::nn::Mo
     if (!t.decides_zero || t.out_dim < 0) continue;
     const torch::Tensor x = layer_tensor(m, t.name);
     if (!x.defined()) continue;
-    torch::Tensor z = x.detach().movedim(t.out_dim, 0).reshape({x.size(t.out_dim), -1}).eq(0).all(1);
+    torch::Tensor z = zero_slices(x, t.out_dim);
     zero = zero.defined() ? zero & z : z;
   }
   if (!zero.defined()) return std::vector<char>(static_cast<std::size_t>(channels), 0);

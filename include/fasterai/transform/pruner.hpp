@@ -141,8 +141,7 @@ inline ZeroOutputs zero_outputs_of(const ModuleMap& modules) {
     if (n.kind == OpKind::Parameter) {
       torch::NoGradGuard no_grad;
       const torch::Tensor p = graph_parameter(modules, n);
-      torch::Tensor z = p.detach().movedim(n.parameter_dim, 0).reshape({p.size(n.parameter_dim), -1}).eq(0).all(1);
-      z = z.to(torch::kCPU).contiguous();
+      const torch::Tensor z = zero_slices(p, n.parameter_dim).to(torch::kCPU).contiguous();
       return {z.data_ptr<bool>(), z.data_ptr<bool>() + z.numel()};
     }
     const auto& m = *modules.at(n.module);
@@ -222,8 +221,7 @@ inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g, bool appr
     if (n.kind == OpKind::Layer) {
       PrunedLayer entry{n.module, out_before, keep_out.numel(), 0};
       // Zero filters that stay for a reason other than keeping one unit per group.
-      const auto w = weight.movedim(rule.tensors.front().out_dim, 0);
-      const torch::Tensor zero_rows = w.reshape({w.size(0), -1}).eq(0).all(1).to(torch::kCPU);
+      const torch::Tensor zero_rows = zero_slices(weight, rule.tensors.front().out_dim).to(torch::kCPU).contiguous();
       const bool* z = zero_rows.data_ptr<bool>();
       for (std::size_t o = 0; o < out_units.size(); ++o)
         if (z[o] && !removable[out_units[o]]) ++entry.constant_channels;
