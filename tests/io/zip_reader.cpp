@@ -156,8 +156,8 @@ TEST_CASE("a compressed record is read straight into its tensor, under the size 
           .bytes;
   REQUIRE(bytes.size() < 100000);
   CHECK_THAT(error_reading(bytes, ReadLimits().max_tensor_bytes(1 << 20)),
-             Catch::Contains("the storages' 16777216 bytes exceeds ReadLimits::max_tensor_bytes = "
-                             "1048576") &&
+             Catch::Contains("the tensors' bytes, with storage 0 of 4194304 elements of Float, "
+                             "exceeds ReadLimits::max_tensor_bytes = 1048576") &&
                  Catch::Contains("fasterai::ReadLimits().max_tensor_bytes(n)"));
   const StateDict state = read_bytes_as_state_dict(bytes);
   CHECK(torch::equal(state["big"], big));

@@ -24,7 +24,8 @@ struct ReadLimits {
   TORCH_ARG(std::int64_t, max_entries) = std::int64_t{1} << 23;
   // Bytes of data.pkl once decompressed (a few MB for a state_dict of 100,000 tensors).
   TORCH_ARG(std::int64_t, max_pickle_bytes) = std::int64_t{1} << 26;
-  // Bytes of all storage records together: the tensors the file yields.
+  // Bytes of all storage records together, and of the copies that resolve PyTorch 2.x's
+  // conjugate and negative views: the tensors the file yields.
   TORCH_ARG(std::int64_t, max_tensor_bytes) = std::int64_t{1} << 33;  // 8 GiB
   // Elements of one tensor beyond the elements of its storage: a view with stride 0 repeats one
   // value without bound, so a tiny file could hand out a tensor that no copy fits in memory.

@@ -371,9 +371,10 @@ inline std::string pickle_state_dict(
 }  // namespace pickle
 
 // A detached CPU tensor that is exactly its storage (contiguous, offset 0, no spare elements):
-// a view into a larger buffer would otherwise drag that whole buffer into the file.
+// a view into a larger buffer would otherwise drag that whole buffer into the file. A conjugate
+// or negative view (`z.conj()`) is resolved first: the file holds the values, not the bits.
 inline torch::Tensor for_saving(const torch::Tensor& t) {
-  torch::Tensor c = t.detach().cpu();
+  torch::Tensor c = t.detach().cpu().resolve_conj().resolve_neg();
   if (!c.is_contiguous() || c.storage_offset() != 0 || c.storage().nbytes() != c.nbytes())
     c = c.clone(at::MemoryFormat::Contiguous);
   return c;

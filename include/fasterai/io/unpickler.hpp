@@ -539,7 +539,8 @@ class Unpickler {
   }
 
   // _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks
-  // [, metadata]): a strided view of a storage. Hooks and metadata do not affect the values.
+  // [, metadata]): a strided view of a storage, or a copy that resolves the metadata's flags.
+  // Hooks do not affect the values.
   torch::Tensor rebuild_tensor(const std::vector<Value>& args) {
     if (args.size() != 6 && args.size() != 7)
       fail("_rebuild_tensor_v2 expects 6 or 7 arguments, got " + std::to_string(args.size()));
@@ -581,8 +582,64 @@ class Unpickler {
       fail("a tensor of dtype " + std::string(c10::toString(flat.scalar_type())) +
            " cannot require gradients");
     torch::Tensor t = flat.as_strided(size, stride, offset);
+    if (args.size() == 7) t = resolve_metadata(std::move(t), args[6]);
     if (requires_grad) t.set_requires_grad(true);
     return t;
+  }
+
+  // PyTorch 2.x's seventh argument of _rebuild_tensor_v2: None, or a dict of flags that change
+  // what the storage's values mean (torch._utils.set_tensor_metadata, i.e.
+  // torch::jit::setTensorMetadata). torch.save writes {'conj': True} for a conjugate view
+  // (`z.conj()`: the values are the conjugates of the stored ones), {'neg': True} for a
+  // negative view (`z.conj().imag`: the negatives), or both. PyTorch 2.6 sets the tensor's
+  // conj/neg bit; here the tensor is a copy with those values resolved (no bit set, so every
+  // LibTorch function and data_ptr() see the values Python sees), and its bytes count against
+  // max_tensor_bytes. Whatever else a file puts there is refused, never ignored: an unknown key
+  // (PyTorch 2.6 ignores those), a flag that is not True (2.6 sets the bit for any value, even
+  // False), 'conj' on a real tensor (2.6 fails) and 'neg' on a bool tensor (whose negative 2.6
+  // cannot compute either).
+  torch::Tensor resolve_metadata(torch::Tensor t, const Value& metadata) {
+    if (std::holds_alternative<None>(metadata)) return t;
+    const Dict dict = as<Dict>(metadata, "_rebuild_tensor_v2's metadata (its 7th argument)");
+    bool conj = false, neg = false;
+    const std::vector<Value>& items = objects_.at(dict.id).items;
+    for (std::size_t i = 0; i + 1 < items.size(); i += 2) {
+      const std::string key(objects_.str(std::get<Str>(items[i])));
+      if (key != "conj" && key != "neg")
+        fail("a tensor's metadata has the key '" + key.substr(0, 64) +
+             "', which this reader does not know (it knows 'conj' and 'neg'); refused rather "
+             "than loading values that may be wrong");
+      const bool* flag = std::get_if<bool>(&items[i + 1]);
+      if (flag == nullptr || !*flag)
+        fail("a tensor's metadata '" + key + "' is " +
+             (flag != nullptr ? std::string("False") : "a " + kind_of(items[i + 1])) +
+             "; torch.save writes only True there (and PyTorch 2.6 would set the flag anyway)");
+      (key == "conj" ? conj : neg) = true;
+    }
+    const std::string dtype = c10::toString(t.scalar_type());
+    if (conj && !t.is_complex())
+      fail("a tensor's metadata 'conj' is set on a tensor of dtype " + dtype +
+           ": only complex tensors have conjugate views");
+    if (neg && t.scalar_type() == c10::ScalarType::Bool)
+      fail("a tensor's metadata 'neg' is set on a tensor of dtype Bool, which has no negative");
+    if (!conj && !neg) return t;
+    charge_tensor_bytes(t.numel(), t.scalar_type(),
+                        "a copy that resolves a conjugate or negative view");
+    if (conj) t = torch::conj_physical(t);
+    return neg ? torch::neg(t) : t;
+  }
+
+  // The bytes of the tensors the file yields (storages, and the copies above), bounded by
+  // max_tensor_bytes before they are allocated.
+  void charge_tensor_bytes(std::int64_t numel, c10::ScalarType dtype, std::string_view what) {
+    const auto element = static_cast<std::int64_t>(c10::elementSize(dtype));
+    const std::int64_t room = limits_.max_tensor_bytes() - tensor_bytes_;
+    if (numel > room / element)
+      fail(limit_exceeded("the tensors' bytes, with " + std::string(what) + " of " +
+                              std::to_string(numel) + " elements of " + c10::toString(dtype) +
+                              ",",
+                          "max_tensor_bytes", limits_.max_tensor_bytes()));
+    tensor_bytes_ += numel * element;
   }
 
   // ('storage', storage_type, key, location, numel): the raw little-endian bytes of record
@@ -605,6 +662,7 @@ class Unpickler {
              c10::toString(type.dtype));
       return Storage{it->second};
     }
+    charge_tensor_bytes(numel, type.dtype, "storage " + key);
     torch::Tensor flat = load_storage_(key, type.dtype, numel);
     if (!flat.defined() || flat.dim() != 1 || flat.numel() != numel ||
         flat.scalar_type() != type.dtype)
@@ -619,6 +677,7 @@ class Unpickler {
   const StorageLoader& load_storage_;
   ReadLimits limits_;
   std::int64_t entries_ = 0;
+  std::int64_t tensor_bytes_ = 0;
   std::vector<Value> stack_;
   std::vector<std::size_t> marks_;
   std::unordered_map<std::uint32_t, Value> memo_;
