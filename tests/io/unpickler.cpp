@@ -1,8 +1,11 @@
 // The unpickler under hostile input: deep nesting, memo amplification, reference cycles,
 // stride-0 views and the read limits. Every pickle is built here, opcode by opcode.
 
+#include <sys/resource.h>
+
 #include "catch.hpp"
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -43,6 +46,20 @@ std::string file_error(const std::string& pkl, const ReadLimits& limits = ReadLi
   const std::string bytes =
       build_zip(torch_entries(pkl, {{"0", floats(torch::ones({storage_floats}))}})).bytes;
   return error_of([&] { read_bytes_as_state_dict(bytes, limits); });
+}
+
+// Seconds `f` takes.
+template <class F>
+double seconds(F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+long peak_rss_mib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024;
 }
 
 }  // namespace
@@ -187,4 +204,121 @@ TEST_CASE("storages and parameters are checked where the pickle names them", "[u
   param.raw({'(', '('}).str("storage").global("torch", "LongStorage").str("0").str("cpu");
   param.raw({'K', 1, 't', 'Q', 'K', 0, ')', ')', 0x89, '}', 't', 'R', 0x88, '}', 't', 'R', '.'});
   CHECK_THAT(unpickle_error(param.bytes), Catch::Contains("a parameter of dtype Long cannot require gradients"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memoized values cost their price once (issue 22): each file below took seconds to minutes,
+// or gigabytes, before; each now ends within a second (the bound checked here is looser, for
+// loaded CI machines) with its value or a clean error naming the limit.
+
+TEST_CASE("a memoized key reused in 100,000 SETITEMs is hashed once", "[unpickler]") {
+  // One 1 MiB key, then SETITEM with it (BINGET) 100,000 times: 23 s when every repeat hashed
+  // and compared the whole key.
+  Pickle p;
+  p.raw({0x80, 2, '}'}).str(std::string(1 << 20, 'k')).raw({'q', 0, 'K', 1, 's'});
+  p.repeat(std::string("h\0K\x02s", 5), 99999).raw({'.'});
+  pickle::Unpickled u;
+  const double s = seconds([&] { u = pickle::unpickle(p.bytes, zeros); });
+  CHECK(s < 1.0);
+  const auto& items = u.objects.at(std::get<pickle::Dict>(u.root).id).items;
+  REQUIRE(items.size() == 2);
+  CHECK(std::get<std::int64_t>(items[1]) == 2);
+  // Equal keys in different places of the pickle are one key.
+  const pickle::Unpickled twice = pickle::unpickle(
+      Pickle{}.raw({0x80, 2, '}'}).str("a").raw({'K', 1, 's'}).str("a").raw({'K', 3, 's', '.'}).bytes,
+      zeros);
+  const auto& two = twice.objects.at(std::get<pickle::Dict>(twice.root).id).items;
+  REQUIRE(two.size() == 2);
+  CHECK(std::get<std::int64_t>(two[1]) == 3);
+}
+
+TEST_CASE("a memoized persistent id with a 65,000-byte key is resolved once", "[unpickler]") {
+  const std::string key(65000, 'k');
+  int loads = 0;
+  const pickle::StorageLoader counting = [&](const std::string& k, c10::ScalarType dtype,
+                                             std::int64_t numel) {
+    ++loads;
+    CHECK(k == key);
+    return torch::zeros({numel}, torch::TensorOptions().dtype(dtype));
+  };
+  // The pid tuple memoized and fetched 6,000,000 times into one list: 22 s before the error
+  // when each use copied and hashed the key. The list outgrows max_entries.
+  Pickle pid;
+  pid.raw({0x80, 2, ']', '(', '('}).str("storage").global("torch", "FloatStorage").str(key);
+  pid.str("cpu").raw({'K', 1, 't', 'q', 1, 'Q'});
+  Pickle many = pid;
+  many.repeat("h\x01Q", 5999999).raw({'e', '.'});
+  std::string error;
+  const double s = seconds([&] {
+    try {
+      pickle::unpickle(many.bytes, counting);
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+  });
+  CHECK(s < 2.0);
+  CHECK_THAT(error, Catch::Contains("exceeds ReadLimits::max_entries = 8388608"));
+  CHECK(loads == 1);
+  // Fresh pid tuples whose key is fetched from the memo: the key is interned, one storage.
+  Pickle fresh;
+  fresh.raw({0x80, 2, ']', '(', '('}).str("storage").raw({'q', 2});
+  fresh.global("torch", "FloatStorage").raw({'q', 3}).str(key).raw({'q', 4});
+  fresh.str("cpu").raw({'q', 5, 'K', 1, 't', 'Q'});
+  fresh.repeat("(h\x02h\x03h\x04h\x05K\x01tQ", 199999).raw({'e', '.'});
+  loads = 0;
+  pickle::Unpickled u;
+  CHECK(seconds([&] { u = pickle::unpickle(fresh.bytes, counting); }) < 2.0);
+  const auto& storages = u.objects.at(std::get<pickle::List>(u.root).id).items;
+  REQUIRE(storages.size() == 200000);
+  CHECK(std::get<pickle::Storage>(storages.back()).id == std::get<pickle::Storage>(storages[0]).id);
+  CHECK(loads == 1);
+}
+
+namespace {
+// `count` one-element float tensors in a dict, all with one memoized size tuple of `dims` ones
+// and one memoized stride tuple of `dims` zeros over storage "0".
+std::string shared_dims_pickle(int count, int dims) {
+  Pickle p;
+  p.raw({0x80, 2, '}', '('});
+  for (int i = 0; i < count; ++i) {
+    p.str("t" + std::to_string(i));
+    if (i == 0) {  // written in full and memoized: the global 4, pid 1, size 2, stride 3
+      p.global("torch._utils", "_rebuild_tensor_v2").raw({'q', 4, '(', '('});
+      p.str("storage").global("torch", "FloatStorage").str("0").str("cpu");
+      p.raw({'K', 1, 't', 'q', 1, 'Q', 'K', 0, '('});
+      p.repeat("K\x01", static_cast<std::size_t>(dims)).raw({'t', 'q', 2, '('});
+      p.repeat("K\x00"s, static_cast<std::size_t>(dims)).raw({'t', 'q', 3});
+      p.raw({0x89, 'N', 't', 'R'});
+    } else {
+      p.raw({'h', 4, '(', 'h', 1, 'Q', 'K', 0, 'h', 2, 'h', 3, 0x89, 'N', 't', 'R'});
+    }
+  }
+  p.raw({'u', '.'});
+  return p.bytes;
+}
+}  // namespace
+
+TEST_CASE("sizes and strides shared through the memo are charged by their dimension count",
+          "[unpickler]") {
+  // 30,000 tensors of 4,096 dimensions: a 72 KB file took 2.1 GB and 5.3 s with a flat charge
+  // per tensor (each TensorImpl holds 64 KB of sizes and strides).
+  const std::string wide = shared_dims_pickle(30000, 4096);
+  std::string error;
+  CHECK(seconds([&] { error = unpickle_error(wide); }) < 1.0);
+  CHECK_THAT(error, Catch::Contains("a tensor's size of 4096 dimensions exceeds "
+                                    "ReadLimits::max_dims = 64") &&
+                        Catch::Contains("fasterai::ReadLimits().max_dims(n)"));
+  // Allowed that many dimensions, they are charged against max_entries: refused after about
+  // 2,000 tensors (128 MB), not 30,000.
+  const long peak_before = peak_rss_mib();
+  CHECK(seconds([&] { error = unpickle_error(wide, ReadLimits().max_dims(4096)); }) < 2.0);
+  CHECK_THAT(error, Catch::Contains("exceeds ReadLimits::max_entries = 8388608"));
+  CHECK(peak_rss_mib() - peak_before < 256);
+  // 1,048,576 dimensions: refused before the first tensor is built.
+  CHECK_THAT(unpickle_error(shared_dims_pickle(40, 1 << 20)),
+             Catch::Contains("a tensor's size of 1048576 dimensions exceeds ReadLimits::max_dims"));
+  // 64 dimensions read, as PyTorch's own tensors can have them.
+  CHECK(unpickle_error(shared_dims_pickle(3, 64)) == "(read)");
+  CHECK_THAT(unpickle_error(shared_dims_pickle(3, 65)), Catch::Contains("max_dims = 64"));
+  CHECK(unpickle_error(shared_dims_pickle(3, 65), ReadLimits().max_dims(65)) == "(read)");
 }

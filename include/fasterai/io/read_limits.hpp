@@ -27,6 +27,10 @@ struct ReadLimits {
   // Bytes of all storage records together, and of the copies that resolve PyTorch 2.x's
   // conjugate and negative views: the tensors the file yields.
   TORCH_ARG(std::int64_t, max_tensor_bytes) = std::int64_t{1} << 33;  // 8 GiB
+  // Dimensions of one tensor: PyTorch supports at most 64 (its TensorIterator and CUDA kernels
+  // do not index more). Sizes and strides shared through the pickle's memo are charged per
+  // tensor, by their dimension count, against max_entries as well.
+  TORCH_ARG(std::int64_t, max_dims) = 64;
   // Elements of one tensor beyond the elements of its storage: a view with stride 0 repeats one
   // value without bound, so a tiny file could hand out a tensor that no copy fits in memory.
   // A tensor with no more elements than its storage is never refused by this limit.

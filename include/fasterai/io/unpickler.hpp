@@ -15,6 +15,11 @@
 //   self-referencing pickle is refused, and no reference cycle can exist.
 // - Nesting depth, values held and the pickle's length are bounded (ReadLimits); a dict's keys
 //   are found through a hash index, so n keys cost O(n).
+// - A memoized value costs its price once, however often it is fetched: strings are interned
+//   (a string's bytes are hashed once, where the pickle holds them; a dict key or storage key
+//   fetched again costs O(1)), a persistent id is resolved once, and a tensor is charged by its
+//   dimension count (ReadLimits::max_dims), so that sizes and strides shared through the memo
+//   cannot buy memory or time beyond the limits.
 //
 // Storage records are not read here: a persistent id ('storage', type, key, location, numel)
 // is handed to a loader, which the state_dict assembly connects to the zip archive (and a fuzz
@@ -83,8 +88,8 @@ using Value = std::variant<None, bool, std::int64_t, double, Str, Tuple, List, D
 // A tuple, list or dict (items key, value, key, value, ...).
 struct Container {
   std::vector<Value> items;
-  // A dict's keys -> position of their value in `items`.
-  std::unique_ptr<std::unordered_map<std::string_view, std::size_t>> index;
+  // A dict's keys (interned: see Unpickler::intern) -> position of their value in `items`.
+  std::unique_ptr<std::unordered_map<std::uint32_t, std::size_t>> index;
   std::int64_t depth = 1;  // 1 + the depth of the deepest container inside
   bool sealed = false;     // inside another container: never changed again
 };
@@ -457,9 +462,9 @@ class Unpickler {
   std::uint32_t dict_at_top(std::string_view opcode) const { return dict_of(top(), opcode); }
   // A repeated key replaces the value in place, as in a Python dict.
   void set_item(std::uint32_t dict, const Value& key, const Value& value) {
-    const std::string_view k = objects_.str(as<Str>(key, "a dict key"));
+    const std::uint32_t k = intern(as<Str>(key, "a dict key"));
     Container& c = changeable(dict, "SETITEM");
-    if (!c.index) c.index = std::make_unique<std::unordered_map<std::string_view, std::size_t>>();
+    if (!c.index) c.index = std::make_unique<std::unordered_map<std::uint32_t, std::size_t>>();
     adopt(dict, value);
     const auto [it, fresh] = c.index->try_emplace(k, c.items.size() + 1);
     if (!fresh) {
@@ -469,6 +474,19 @@ class Unpickler {
     charge(2 + index_cost);
     c.items.push_back(key);
     c.items.push_back(value);
+  }
+
+  // --- strings, interned: equal strings get one id. Each string the pickle holds (one Str per
+  // place in data.pkl) is hashed once, when it is first used as a key; fetched again from the
+  // memo, it is found by its place in O(1). So a key of n bytes costs O(n) once, not per use.
+  std::uint32_t intern(Str s) {
+    if (const auto it = string_ids_.find(s.pos); it != string_ids_.end()) return it->second;
+    charge(index_cost);
+    const auto [it, fresh] =
+        interned_.try_emplace(objects_.str(s), static_cast<std::uint32_t>(interned_.size()));
+    if (fresh) charge(index_cost);
+    string_ids_.emplace(s.pos, it->second);
+    return it->second;
   }
 
   // --- the memo: handles, never copies of values
@@ -497,10 +515,12 @@ class Unpickler {
     push(*g);
   }
 
+  // A tensor costs its TensorImpl, and 16 bytes (one entry) per dimension for its sizes and
+  // strides.
   std::uint32_t new_tensor(torch::Tensor t) {
     if (objects_.tensors.size() >= std::numeric_limits<std::uint32_t>::max())
       fail("data.pkl builds more than 4 billion tensors");
-    charge(tensor_cost);
+    charge(tensor_cost + t.dim());
     objects_.tensors.push_back(std::move(t));
     return static_cast<std::uint32_t>(objects_.tensors.size() - 1);
   }
@@ -531,10 +551,16 @@ class Unpickler {
     fail("a storage type cannot be called");
   }
 
-  std::vector<std::int64_t> ints(const Value& x, std::string_view what) const {
+  // A tensor's size or stride: at most max_dims ints, checked before any is read.
+  std::vector<std::int64_t> dims(const Value& x, std::string_view what) const {
+    const std::vector<Value>& items = objects_.at(as<Tuple>(x, what).id).items;
+    if (static_cast<std::int64_t>(items.size()) > limits_.max_dims())
+      fail(limit_exceeded(std::string(what) + " of " + std::to_string(items.size()) +
+                              " dimensions",
+                          "max_dims", limits_.max_dims()));
     std::vector<std::int64_t> values;
-    for (const Value& item : objects_.at(as<Tuple>(x, what).id).items)
-      values.push_back(as<std::int64_t>(item, what));
+    values.reserve(items.size());
+    for (const Value& item : items) values.push_back(as<std::int64_t>(item, what));
     return values;
   }
 
@@ -546,8 +572,8 @@ class Unpickler {
       fail("_rebuild_tensor_v2 expects 6 or 7 arguments, got " + std::to_string(args.size()));
     const torch::Tensor& flat = objects_.tensor(as<Storage>(args[0], "a tensor's storage").id);
     const std::int64_t offset = as<std::int64_t>(args[1], "a tensor's storage offset");
-    const auto size = ints(args[2], "a tensor's size");
-    const auto stride = ints(args[3], "a tensor's stride");
+    const auto size = dims(args[2], "a tensor's size");
+    const auto stride = dims(args[3], "a tensor's stride");
     const bool requires_grad = as<bool>(args[4], "requires_grad");
     if (size.size() != stride.size()) fail("a tensor's size and stride differ in length");
     // The last element the view reaches must lie inside the storage (checked without
@@ -644,31 +670,45 @@ class Unpickler {
 
   // ('storage', storage_type, key, location, numel): the raw little-endian bytes of record
   // data/<key>. The location (cpu, cuda:0) is ignored: tensors are read to the CPU and copied
-  // to wherever the model's tensors live. Tensors naming the same key share one storage.
+  // to wherever the model's tensors live. Tensors naming the same key share one storage. A
+  // persistent id fetched again from the memo is resolved once (tuples never change), and
+  // its key is interned: neither costs more than O(1) when used again.
   Value persistent_load(Tuple pid_handle) {
+    if (const auto it = resolved_pids_.find(pid_handle.id); it != resolved_pids_.end())
+      return it->second;
+    const Value storage = resolve_pid(pid_handle);
+    charge(index_cost);
+    resolved_pids_.emplace(pid_handle.id, storage);
+    return storage;
+  }
+  Value resolve_pid(Tuple pid_handle) {
     const std::vector<Value>& pid = objects_.at(pid_handle.id).items;
     if (pid.size() != 5 || objects_.str(as<Str>(pid[0], "a persistent id's tag")) != "storage")
       fail("a persistent id that is not ('storage', type, key, location, numel)");
     const Global type = as<Global>(pid[1], "a storage type");
     if (type.what != Known::storage_type) fail("a persistent id whose type is not a storage");
-    const std::string key(objects_.str(as<Str>(pid[2], "a storage key")));
+    const Str key_str = as<Str>(pid[2], "a storage key");
+    const std::uint32_t key_id = intern(key_str);
+    // The key's bytes are copied only for the loader (once per distinct storage) and for
+    // messages (at most 256 bytes of it).
+    auto shown = [&] { return std::string(objects_.str(key_str).substr(0, 256)); };
     const std::int64_t numel = as<std::int64_t>(pid[4], "a storage size");
-    if (numel < 0) fail("storage " + key + " has a negative size");
-    if (const auto it = storages_.find(key); it != storages_.end()) {
+    if (numel < 0) fail("storage " + shown() + " has a negative size");
+    if (const auto it = storages_.find(key_id); it != storages_.end()) {
       const torch::Tensor& known = objects_.tensor(it->second);
       if (known.scalar_type() != type.dtype || known.numel() != numel)
-        fail("storage " + key + " is read both as " + std::to_string(known.numel()) + " " +
+        fail("storage " + shown() + " is read both as " + std::to_string(known.numel()) + " " +
              c10::toString(known.scalar_type()) + " and as " + std::to_string(numel) + " " +
              c10::toString(type.dtype));
       return Storage{it->second};
     }
-    charge_tensor_bytes(numel, type.dtype, "storage " + key);
-    torch::Tensor flat = load_storage_(key, type.dtype, numel);
+    charge_tensor_bytes(numel, type.dtype, "storage " + shown());
+    torch::Tensor flat = load_storage_(std::string(objects_.str(key_str)), type.dtype, numel);
     if (!flat.defined() || flat.dim() != 1 || flat.numel() != numel ||
         flat.scalar_type() != type.dtype)
-      fail("storage " + key + " was not loaded as " + std::to_string(numel) + " elements");
+      fail("storage " + shown() + " was not loaded as " + std::to_string(numel) + " elements");
     const std::uint32_t id = new_tensor(std::move(flat));
-    storages_.emplace(key, id);
+    storages_.emplace(key_id, id);
     return Storage{id};
   }
 
@@ -681,7 +721,10 @@ class Unpickler {
   std::vector<Value> stack_;
   std::vector<std::size_t> marks_;
   std::unordered_map<std::uint32_t, Value> memo_;
-  std::unordered_map<std::string, std::uint32_t> storages_;
+  std::unordered_map<std::uint32_t, std::uint32_t> storages_;       // interned key -> tensor
+  std::unordered_map<std::uint32_t, Value> resolved_pids_;          // pid tuple -> Storage
+  std::unordered_map<std::uint32_t, std::uint32_t> string_ids_;     // Str::pos -> interned id
+  std::unordered_map<std::string_view, std::uint32_t> interned_;    // bytes -> interned id
 };
 
 inline Unpickled unpickle(std::string bytes, const StorageLoader& load_storage,
