@@ -151,16 +151,19 @@ void run(const std::string& command) {
   REQUIRE(std::system(command.c_str()) == 0);
 }
 
-// Storage "0" of `numel` elements of `storage` (a torch.*Storage), viewed whole as tensor 'x',
-// with `metadata` writing the seventh argument of _rebuild_tensor_v2.
+// Storage "0" of `numel` elements of `storage` (a torch.*Storage), viewed as tensor 'x' (whole,
+// or of `size` elements with stride `stride`), with `metadata` writing the seventh argument of
+// _rebuild_tensor_v2.
 template <class Metadata>
-std::string metadata_pickle(std::string_view storage, std::int64_t numel, Metadata metadata) {
+std::string metadata_pickle(std::string_view storage, std::int64_t numel, Metadata metadata,
+                            std::int64_t size = -1, std::int64_t stride = 1) {
   Pickle p;
   p.raw({0x80, 2}).global("collections", "OrderedDict").raw({')', 'R'});
   p.str("x").global("torch._utils", "_rebuild_tensor_v2");
   p.raw({'(', '('}).str("storage").global("torch", storage).str("0").str("cpu");
   p.integer(numel).raw({'t', 'Q'});
-  p.integer(0).raw({'('}).integer(numel).raw({'t', '('}).integer(1).raw({'t', 0x89});
+  p.integer(0).raw({'('}).integer(size < 0 ? numel : size).raw({'t', '('}).integer(stride);
+  p.raw({'t', 0x89});
   p.global("collections", "OrderedDict").raw({')', 'R'});
   metadata(p);
   p.raw({'t', 'R', 's', '.'});
@@ -200,6 +203,7 @@ TEST_CASE("metadata 'conj': PyTorch 2.6's conjugate views load as their conjugat
   CHECK(same(sd["conj_t"], complex_of({{1, -2}, {5, 0}, {-3, -0.5}, {-6, 7}, {0, -4}, {8, -9}},
                                       {3, 2}, torch::kComplexDouble)));
   for (const auto& item : sd) CHECK_FALSE(item.value().is_conj());  // resolved, not a bit
+  CHECK(sd["conj_t"].strides() == torch::IntArrayRef({1, 3}));      // the view Python wrote
   // The plain view still holds the file's bytes; the conjugate is a copy beside it.
   CHECK(sd["conj"].data_ptr() != sd["plain"].data_ptr());
 }
@@ -288,6 +292,13 @@ TEST_CASE("metadata that PyTorch does not write, or that this reader does not kn
              Catch::Contains("a copy that resolves a conjugate or negative view of 2 elements of "
                              "Float") &&
                  Catch::Contains("ReadLimits::max_tensor_bytes = 15"));
+  // The copy is of the storage, not of the view: a stride-0 view of a million elements over
+  // one float costs 4 bytes more, and keeps its strides.
+  const std::string repeated =
+      metadata_pickle("FloatStorage", 1, dict({{"neg", '\x88'}}), 1 << 20, 0);
+  const torch::Tensor x = read_pickle(repeated, torch::tensor({2.5f}), ReadLimits().max_tensor_bytes(8))["x"];
+  CHECK(x.strides() == torch::IntArrayRef({0}));
+  CHECK(same(x, torch::full({1 << 20}, -2.5f)));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@
 #include <deque>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -570,7 +571,8 @@ class Unpickler {
   torch::Tensor rebuild_tensor(const std::vector<Value>& args) {
     if (args.size() != 6 && args.size() != 7)
       fail("_rebuild_tensor_v2 expects 6 or 7 arguments, got " + std::to_string(args.size()));
-    const torch::Tensor& flat = objects_.tensor(as<Storage>(args[0], "a tensor's storage").id);
+    const std::uint32_t storage = as<Storage>(args[0], "a tensor's storage").id;
+    const torch::Tensor& flat = objects_.tensor(storage);
     const std::int64_t offset = as<std::int64_t>(args[1], "a tensor's storage offset");
     const auto size = dims(args[2], "a tensor's size");
     const auto stride = dims(args[3], "a tensor's stride");
@@ -607,8 +609,8 @@ class Unpickler {
     if (requires_grad && !flat.is_floating_point() && !flat.is_complex())
       fail("a tensor of dtype " + std::string(c10::toString(flat.scalar_type())) +
            " cannot require gradients");
-    torch::Tensor t = flat.as_strided(size, stride, offset);
-    if (args.size() == 7) t = resolve_metadata(std::move(t), args[6]);
+    const torch::Tensor& values = args.size() == 7 ? with_metadata(storage, args[6]) : flat;
+    torch::Tensor t = values.as_strided(size, stride, offset);
     if (requires_grad) t.set_requires_grad(true);
     return t;
   }
@@ -618,41 +620,49 @@ class Unpickler {
   // torch::jit::setTensorMetadata). torch.save writes {'conj': True} for a conjugate view
   // (`z.conj()`: the values are the conjugates of the stored ones), {'neg': True} for a
   // negative view (`z.conj().imag`: the negatives), or both. PyTorch 2.6 sets the tensor's
-  // conj/neg bit; here the tensor is a copy with those values resolved (no bit set, so every
-  // LibTorch function and data_ptr() see the values Python sees), and its bytes count against
-  // max_tensor_bytes. Whatever else a file puts there is refused, never ignored: an unknown key
-  // (PyTorch 2.6 ignores those), a flag that is not True (2.6 sets the bit for any value, even
-  // False), 'conj' on a real tensor (2.6 fails) and 'neg' on a bool tensor (whose negative 2.6
-  // cannot compute either).
-  torch::Tensor resolve_metadata(torch::Tensor t, const Value& metadata) {
-    if (std::holds_alternative<None>(metadata)) return t;
+  // conj/neg bit. Here the tensor is the same view (size, stride, offset) of a copy of its
+  // storage with the flags resolved: no bit is set, so every LibTorch function and data_ptr()
+  // see the values Python sees. One copy per storage and flags, its bytes counted against
+  // max_tensor_bytes: a small file cannot buy more copies than it has storages.
+  // Whatever else a file puts there is refused, never ignored: an unknown key (PyTorch 2.6
+  // ignores those), a flag that is not True (2.6 sets the bit for any value, even False),
+  // 'conj' on a real tensor (2.6 fails) and 'neg' on a bool tensor (whose negative 2.6 cannot
+  // compute either).
+  const torch::Tensor& with_metadata(std::uint32_t storage, const Value& metadata) {
+    const torch::Tensor& flat = objects_.tensor(storage);
+    if (std::holds_alternative<None>(metadata)) return flat;
     const Dict dict = as<Dict>(metadata, "_rebuild_tensor_v2's metadata (its 7th argument)");
     bool conj = false, neg = false;
     const std::vector<Value>& items = objects_.at(dict.id).items;
     for (std::size_t i = 0; i + 1 < items.size(); i += 2) {
-      const std::string key(objects_.str(std::get<Str>(items[i])));
+      const std::string_view key = objects_.str(std::get<Str>(items[i]));
       if (key != "conj" && key != "neg")
-        fail("a tensor's metadata has the key '" + key.substr(0, 64) +
+        fail("a tensor's metadata has the key '" + std::string(key.substr(0, 64)) +
              "', which this reader does not know (it knows 'conj' and 'neg'); refused rather "
              "than loading values that may be wrong");
       const bool* flag = std::get_if<bool>(&items[i + 1]);
       if (flag == nullptr || !*flag)
-        fail("a tensor's metadata '" + key + "' is " +
+        fail("a tensor's metadata '" + std::string(key) + "' is " +
              (flag != nullptr ? std::string("False") : "a " + kind_of(items[i + 1])) +
              "; torch.save writes only True there (and PyTorch 2.6 would set the flag anyway)");
       (key == "conj" ? conj : neg) = true;
     }
-    const std::string dtype = c10::toString(t.scalar_type());
-    if (conj && !t.is_complex())
+    const std::string dtype = c10::toString(flat.scalar_type());
+    if (conj && !flat.is_complex())
       fail("a tensor's metadata 'conj' is set on a tensor of dtype " + dtype +
            ": only complex tensors have conjugate views");
-    if (neg && t.scalar_type() == c10::ScalarType::Bool)
+    if (neg && flat.scalar_type() == c10::ScalarType::Bool)
       fail("a tensor's metadata 'neg' is set on a tensor of dtype Bool, which has no negative");
-    if (!conj && !neg) return t;
-    charge_tensor_bytes(t.numel(), t.scalar_type(),
-                        "a copy that resolves a conjugate or negative view");
-    if (conj) t = torch::conj_physical(t);
-    return neg ? torch::neg(t) : t;
+    if (!conj && !neg) return flat;
+    const auto [it, fresh] = resolved_.try_emplace({storage, int{conj} + 2 * int{neg}});
+    if (fresh) {
+      charge(index_cost);
+      charge_tensor_bytes(flat.numel(), flat.scalar_type(),
+                          "a copy that resolves a conjugate or negative view");
+      torch::Tensor values = conj ? torch::conj_physical(flat) : flat;
+      it->second = neg ? torch::neg(values) : values;
+    }
+    return it->second;
   }
 
   // The bytes of the tensors the file yields (storages, and the copies above), bounded by
@@ -723,6 +733,7 @@ class Unpickler {
   std::unordered_map<std::uint32_t, Value> memo_;
   std::unordered_map<std::uint32_t, std::uint32_t> storages_;       // interned key -> tensor
   std::unordered_map<std::uint32_t, Value> resolved_pids_;          // pid tuple -> Storage
+  std::map<std::pair<std::uint32_t, int>, torch::Tensor> resolved_;  // (storage, flags) -> copy
   std::unordered_map<std::uint32_t, std::uint32_t> string_ids_;     // Str::pos -> interned id
   std::unordered_map<std::string_view, std::uint32_t> interned_;    // bytes -> interned id
 };
