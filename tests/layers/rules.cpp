@@ -72,11 +72,15 @@ TEST_CASE("layer rules: the built-in kinds", "[layers]") {
   CHECK(rule_of(*nn::GroupNorm(nn::GroupNormOptions(2, 4)))->kind == "GroupNorm");
   CHECK(rule_of(*nn::LayerNorm(nn::LayerNormOptions({4})))->role == LayerRole::Normalizing);
   CHECK(rule_of(*nn::Embedding(10, 4))->kind == "Embedding");
-  CHECK(rule_of(*nn::MultiheadAttention(8, 2))->role == LayerRole::Opaque);
-  // Not understood: a LayerNorm over two dimensions, a grouped transposed convolution, a ReLU.
+  CHECK(rule_of(*nn::MultiheadAttention(8, 2))->role == LayerRole::Producer);
+  CHECK(rule_of(*nn::MultiheadAttention(8, 2))->tied_widths);
+  // Not understood: a LayerNorm over two dimensions, a grouped transposed convolution, a ReLU,
+  // an attention with separate key/value widths or learned key/value biases.
   CHECK(rule_of(*nn::LayerNorm(nn::LayerNormOptions({4, 4}))) == nullptr);
   CHECK(rule_of(*nn::ConvTranspose2d(nn::ConvTranspose2dOptions(4, 4, 3).groups(2))) == nullptr);
   CHECK(rule_of(*nn::ReLU()) == nullptr);
+  CHECK(rule_of(*nn::MultiheadAttention(nn::MultiheadAttentionOptions(8, 2).kdim(4))) == nullptr);
+  CHECK(rule_of(*nn::MultiheadAttention(nn::MultiheadAttentionOptions(8, 2).add_bias_kv(true))) == nullptr);
   // The zero test follows the tensors: a zero row and bias, or γ = β = 0.
   nn::Linear linear(3, 4);
   nn::BatchNorm1d bn(4), plain(nn::BatchNorm1dOptions(4).affine(false));

@@ -3,6 +3,7 @@
 #include "catch.hpp"
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include <fasterai/transform/pruner.hpp>
 
 #include "python_oracle.hpp"
+#include "transform/transform_testing.hpp"
 
 using namespace fasterai;
 using namespace fasterai::testing;
@@ -82,6 +84,46 @@ TEST_CASE("ViT: MLP units removed exactly through the graph, attention and hidde
   }
   // Each MLP unit costs 2·hidden MACs per token (17 tokens: 16 patches and the class token).
   CHECK(macs_before - count_macs(vit, {3, 32, 32}).total() == 48 * 2 * 32 * 17);
+}
+
+TEST_CASE("ViT-B/16 pruned as Torch-Pruning prunes it: hidden 768 -> 384 by whole heads, MLP 3072 -> 1536",
+          "[zoo][vit][pruner]") {
+  // Torch-Pruning (PyTorch) takes torchvision's ViT-B/16 to 22,050,664 parameters with these
+  // widths: ViT-S/16's. LibTorch's MultiheadAttention ties its heads to the hidden size, so half
+  // the hidden size is half the heads (6 of 64 channels each), removed with approximate pruning.
+  torch::manual_seed(0);
+  auto vit = models::vit_b_16();
+  vit->eval();
+  const auto x = torch::randn({1, 3, 224, 224});
+  const Graph g = trace(vit, x);
+  const auto stream = g.units_of(g.nodes()[g.nodes_of("encoder.ln").front()].output);
+  const std::set<std::int64_t> heads(stream.begin(), stream.end());
+  REQUIRE(stream.size() == 768);
+  REQUIRE(heads.size() == 12);  // one unit per head: channels 64h .. 64h + 63
+  for (std::int64_t h = 0; h < 12; ++h) CHECK(stream[64 * h] == stream[64 * h + 63]);
+  for (std::int64_t h = 1; h < 12; h += 2) zero_unit(*vit, g, stream[64 * h]);
+  {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < vit->encoder->layers->size(); ++i) {
+      auto* fc1 = vit->encoder->layers[i]->as<models::EncoderBlockImpl>()->mlp[0]->as<torch::nn::LinearImpl>();
+      fc1->weight.narrow(0, 1536, 1536).zero_();
+      fc1->bias.narrow(0, 1536, 1536).zero_();
+    }
+  }
+  const auto report = Pruner(PrunerOptions().approximate(true)).prune_(vit, x);
+  CHECK_FALSE(report.exact());
+  CHECK(count_parameters(vit) == 22'050'664);
+  auto* block = vit->encoder->layers[11]->as<models::EncoderBlockImpl>();
+  CHECK(block->self_attention->options.embed_dim() == 384);
+  CHECK(block->self_attention->options.num_heads() == 6);
+  CHECK(block->self_attention->head_dim == 64);
+  CHECK(block->mlp[0]->as<torch::nn::LinearImpl>()->options.out_features() == 1536);
+  CHECK(vit->conv_proj->options.out_channels() == 384);
+  CHECK(vit->encoder->pos_embedding.sizes() == torch::IntArrayRef({1, 197, 384}));
+  torch::NoGradGuard no_grad;
+  const auto y = vit->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({1, 1000}));
+  CHECK(torch::isfinite(y).all().item<bool>());
 }
 
 TEST_CASE("ViT equals torchvision's: names, shapes, state_dicts and logits (Python oracle)", "[zoo][vit][python]") {

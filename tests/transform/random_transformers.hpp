@@ -36,11 +36,13 @@ struct MlpImpl : tnn::Module {
 };
 TORCH_MODULE(Mlp);
 
-// Self-attention written with Linears: [N, T, D] -> [N, T, D].
+// Self-attention written with Linears: [N, T, D] -> [N, T, D]. The head count is read from
+// the width (`reshape({n, t, -1, head_dim})`), so that it follows when whole heads go; the
+// scale 1/√head_dim stays.
 struct LinearAttentionImpl : tnn::Module {
   tnn::Linear qkv{nullptr}, q{nullptr}, k{nullptr}, v{nullptr}, out{nullptr};
-  std::int64_t heads;
-  LinearAttentionImpl(std::int64_t d, std::int64_t num_heads, bool fused) : heads(num_heads) {
+  std::int64_t head_dim;
+  LinearAttentionImpl(std::int64_t d, std::int64_t num_heads, bool fused) : head_dim(d / num_heads) {
     if (fused) {
       qkv = register_module("qkv", tnn::Linear(d, 3 * d));
     } else {
@@ -50,6 +52,8 @@ struct LinearAttentionImpl : tnn::Module {
     }
     out = register_module("out", tnn::Linear(d, d));
   }
+  // The number of heads now.
+  std::int64_t heads() const { return out->weight.size(1) / head_dim; }
   torch::Tensor forward(torch::Tensor x) {
     const auto n = x.size(0), t = x.size(1);
     torch::Tensor qx, kx, vx;
@@ -59,9 +63,9 @@ struct LinearAttentionImpl : tnn::Module {
     } else {
       qx = q(x), kx = k(x), vx = v(x);
     }
-    auto split = [&](const torch::Tensor& y) { return y.reshape({n, t, heads, -1}).transpose(1, 2); };
+    auto split = [&](const torch::Tensor& y) { return y.reshape({n, t, -1, head_dim}).transpose(1, 2); };
     qx = split(qx), kx = split(kx), vx = split(vx);
-    auto scores = torch::matmul(qx, kx.transpose(-2, -1)) / std::sqrt(static_cast<double>(qx.size(-1)));
+    auto scores = torch::matmul(qx, kx.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
     auto y = torch::matmul(torch::softmax(scores, -1), vx);
     return out(y.transpose(1, 2).reshape({n, t, -1}));
   }

@@ -13,6 +13,8 @@
 #include <torch/torch.h>
 
 #include <fasterai/core/layer_walk.hpp>
+#include <fasterai/graph/graph.hpp>
+#include <fasterai/layers/rule.hpp>
 
 namespace fasterai::testing {
 
@@ -104,6 +106,28 @@ inline std::vector<std::int64_t> zero_smallest_filters(torch::nn::Module& model,
 inline std::vector<Layer> walk(const torch::nn::Sequential& model) {
   const LayerView v = layers(model);
   return {v.begin(), v.end()};
+}
+
+// Zeroes one unit of the graph everywhere it is made: the rows of the layers that produce it,
+// the γ and β of the norms on its way, the slices of the free parameters added to it.
+inline void zero_unit(torch::nn::Module& model, const Graph& g, std::int64_t unit) {
+  torch::NoGradGuard no_grad;
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  for (const auto& item : model.named_modules("", true)) modules[item.key()] = item.value();
+  for (const auto& n : g.nodes()) {
+    const auto units = g.units_of(n.output);
+    for (std::size_t c = 0; c < units.size(); ++c) {
+      if (units[c] != unit) continue;
+      const auto channel = static_cast<std::int64_t>(c);
+      if (n.kind == OpKind::Parameter) {
+        fasterai::detail::layer_tensor(*modules.at(n.module), n.parameter).select(n.parameter_dim, channel).zero_();
+      } else if (n.kind == OpKind::Layer || n.kind == OpKind::Norm) {
+        for (const auto& t : n.rule->tensors)
+          if (auto x = fasterai::detail::layer_tensor(*modules.at(n.module), t.name); x.defined() && t.out_dim >= 0 && t.decides_zero)
+            x.select(t.out_dim, channel).zero_();
+      }
+    }
+  }
 }
 
 }  // namespace fasterai::testing

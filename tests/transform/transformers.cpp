@@ -40,28 +40,6 @@ std::int64_t zero_hidden_units(tnn::Linear& fc1, std::int64_t count, std::mt1993
   return count;
 }
 
-// Zeroes one unit of the graph everywhere it is made: the rows of the layers that produce it,
-// the γ and β of the norms on its way, the slices of the free parameters added to it.
-void zero_unit(torch::nn::Module& model, const Graph& g, std::int64_t unit) {
-  torch::NoGradGuard no_grad;
-  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
-  for (const auto& item : model.named_modules("", true)) modules[item.key()] = item.value();
-  for (const auto& n : g.nodes()) {
-    const auto units = g.units_of(n.output);
-    for (std::size_t c = 0; c < units.size(); ++c) {
-      if (units[c] != unit) continue;
-      const auto channel = static_cast<std::int64_t>(c);
-      if (n.kind == OpKind::Parameter) {
-        fasterai::detail::layer_tensor(*modules.at(n.module), n.parameter).select(n.parameter_dim, channel).zero_();
-      } else if (n.kind == OpKind::Layer || n.kind == OpKind::Norm) {
-        for (const auto& t : n.rule->tensors)
-          if (auto x = fasterai::detail::layer_tensor(*modules.at(n.module), t.name); x.defined() && t.out_dim >= 0 && t.decides_zero)
-            x.select(t.out_dim, channel).zero_();
-      }
-    }
-  }
-}
-
 bool has_mha(const RandomTransformer& net) {
   for (const auto& b : net->blocks)
     if (b->self_attention) return true;
@@ -183,31 +161,163 @@ TEST_CASE("transformers: the hidden size goes only when asked, and is reported a
   CHECK(tried == 12);
 }
 
-TEST_CASE("transformers: MultiheadAttention is a barrier named in the report, its MLPs still pruned",
+namespace {
+
+// Zeroes the value rows (and biases) of head `h` of an attention written with Linears: that
+// head then adds exact zeros into the output projection, whatever its queries and keys.
+void zero_value_head(LinearAttentionImpl& a, std::int64_t h) {
+  torch::NoGradGuard no_grad;
+  const auto d = a.out->weight.size(1);
+  auto& v = a.qkv ? a.qkv : a.v;
+  const auto offset = a.qkv ? 2 * d : 0;
+  v->weight.narrow(0, offset + h * a.head_dim, a.head_dim).zero_();
+  v->bias.narrow(0, offset + h * a.head_dim, a.head_dim).zero_();
+}
+
+}  // namespace
+
+TEST_CASE("transformers: whole heads of attention written with Linears are removed exactly",
+          "[pruner][graph][transformers]") {
+  int tried = 0, fused = 0;
+  for (int k = 0; k < 120 && tried < 25; ++k) {
+    const std::uint64_t seed = 9700 + std::uint64_t(k);
+    torch::manual_seed(seed);
+    RandomTransformer net(seed);
+    std::vector<std::pair<LinearAttentionImpl*, std::int64_t>> attentions;  // and heads expected
+    std::mt19937_64 rng(seed);
+    for (auto& b : net->blocks)
+      if (b->attention && b->attention->heads() >= 2) {
+        // One head of each such block, or all but one.
+        const auto heads = b->attention->heads();
+        const auto zeroed = rng() % 2 ? heads - 1 : std::int64_t{1};
+        for (std::int64_t h = 0; h < zeroed; ++h) zero_value_head(*b->attention, (h + 1) % heads);
+        attentions.emplace_back(b->attention.get(), heads - zeroed);
+        fused += b->attention->qkv ? 1 : 0;
+      }
+    if (attentions.empty()) continue;
+    ++tried;
+    net->eval();
+    INFO("case " << k << ": " << net->description);
+    const auto x = net->example(3);
+    torch::Tensor before;
+    {
+      torch::NoGradGuard no_grad;
+      before = net->forward(x);
+    }
+    const PruneReport report = Pruner().prune_(net, x);
+    CHECK(report.exact());
+    for (const auto& [a, heads] : attentions) {
+      CHECK(a->heads() == heads);
+      const auto inner = heads * a->head_dim;
+      CHECK(a->out->options.in_features() == inner);
+      if (a->qkv) {
+        CHECK(a->qkv->weight.size(0) == 3 * inner);
+      } else {
+        CHECK(a->q->weight.size(0) == inner);
+        CHECK(a->k->weight.size(0) == inner);
+        CHECK(a->v->options.out_features() == inner);
+      }
+    }
+    {
+      torch::NoGradGuard no_grad;
+      CHECK(relative_error(net->forward(x), before) <= 1e-5);
+    }
+    net->zero_grad();
+    net->forward(x).sum().backward();
+    for (const auto& p : net->parameters())
+      if (p.grad().defined()) CHECK(p.grad().sizes() == p.sizes());
+    CHECK_FALSE(Pruner().prune_(net, x).changed());
+  }
+  CHECK(tried == 25);
+  CHECK(fused >= 5);
+}
+
+TEST_CASE("transformers: a head whose queries are zero but values are not is kept",
+          "[pruner][graph][transformers]") {
+  torch::manual_seed(11);
+  LinearAttention attention(8, 2, /*fused=*/false);
+  attention->eval();
+  {
+    torch::NoGradGuard no_grad;  // q·kᵀ = 0 gives uniform attention over values that are not zero
+    attention->q->weight.narrow(0, 4, 4).zero_();
+    attention->q->bias.narrow(0, 4, 4).zero_();
+  }
+  const auto x = torch::randn({2, 5, 8});
+  CHECK_FALSE(Pruner().prune_(attention, x).changed());
+  CHECK(attention->heads() == 2);
+}
+
+namespace {
+
+// A projection into the stream, one encoder block with LibTorch's MultiheadAttention, a head:
+// the stream is made by layers (not the input) and read by one (not the output).
+struct AttentionNetImpl : tnn::Module {
+  tnn::Linear proj{nullptr}, head{nullptr};
+  EncoderBlock block{nullptr};
+  AttentionNetImpl() {
+    proj = register_module("proj", tnn::Linear(6, 8));
+    block = register_module("block", EncoderBlock(8, 2, 16, /*pre=*/true, /*attention_kind=*/2, /*gelu=*/true));
+    head = register_module("head", tnn::Linear(8, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(block(proj(x))); }
+};
+TORCH_MODULE(AttentionNet);
+
+}  // namespace
+
+TEST_CASE("transformers: MultiheadAttention's heads go with the hidden size, only when asked",
           "[pruner][graph][transformers]") {
   torch::manual_seed(5);
-  EncoderBlock block(8, 2, 16, /*pre=*/true, /*attention_kind=*/2, /*gelu=*/true);
-  block->eval();
+  AttentionNet net;
+  net->eval();
   std::mt19937_64 rng(5);
-  zero_hidden_units(block->mlp->fc1, 3, rng);
-  const auto x = torch::randn({2, 4, 8});
+  zero_hidden_units(net->block->mlp->fc1, 3, rng);
+  const auto x = torch::randn({2, 4, 6});
   torch::Tensor before;
   {
     torch::NoGradGuard no_grad;
-    before = block->forward(x);
+    before = net->forward(x);
   }
-  const auto report = Pruner().prune_(block, x);
-  CHECK(block->mlp->fc1->weight.size(0) == 13);
-  CHECK(block->mlp->fc2->weight.size(1) == 13);
-  // The attention's projection has no rule: a barrier, whose node belongs to the attention.
-  const Graph g = trace(block, x);
-  const auto in_proj = g.nodes_of("self_attention");
-  REQUIRE_FALSE(in_proj.empty());
-  CHECK(g.nodes()[in_proj.front()].kind == OpKind::Barrier);
-  CHECK(block->self_attention->in_proj_weight.sizes() == torch::IntArrayRef({24, 8}));
+  // Exact: the MLP units go; the attention's projection is a layer, its heads tied to the
+  // stream, which stays.
+  const auto report = Pruner().prune_(net, x);
   CHECK(report.exact());
-  torch::NoGradGuard no_grad;
-  CHECK(relative_error(block->forward(x), before) <= 1e-5);
+  const auto& mha = net->block->self_attention;
+  CHECK(net->block->mlp->fc1->weight.size(0) == 13);
+  CHECK(net->block->mlp->fc2->weight.size(1) == 13);
+  CHECK(mha->in_proj_weight.sizes() == torch::IntArrayRef({24, 8}));
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(relative_error(net->forward(x), before) <= 1e-5);
+  }
+  const Graph g = trace(net, x);
+  const auto in_proj = g.nodes_of("block.self_attention");
+  REQUIRE(in_proj.size() == 1);
+  CHECK(g.nodes()[in_proj.front()].kind == OpKind::Layer);
+  // The stream's units are the heads' blocks of 4 channels: zero the second one everywhere it
+  // is made (proj's rows, the in_proj rows of that head, out_proj's and fc2's rows, the
+  // LayerNorms' γ and β).
+  const auto stream = g.units_of(g.nodes()[g.nodes_of("block.ln_2").front()].output);
+  REQUIRE(stream.size() == 8);
+  CHECK(std::set<std::int64_t>(stream.begin(), stream.end()).size() == 2);
+  CHECK(g.units()[stream[4]].approximate);
+  CHECK_FALSE(g.units()[stream[4]].fixed);
+  zero_unit(*net, g, stream[4]);
+  CHECK_FALSE(Pruner().prune_(net, x).changed());
+  const auto approximate = Pruner(PrunerOptions().approximate(true)).prune_(net, x);
+  CHECK_FALSE(approximate.exact());
+  CHECK(mha->in_proj_weight.sizes() == torch::IntArrayRef({12, 4}));
+  CHECK(mha->out_proj->weight.sizes() == torch::IntArrayRef({4, 4}));
+  CHECK(mha->options.embed_dim() == 4);
+  CHECK(mha->options.num_heads() == 1);
+  CHECK(mha->head_dim == 4);
+  CHECK(net->block->ln_1->weight.size(0) == 4);
+  CHECK(net->head->weight.size(1) == 4);
+  net->zero_grad();
+  const auto y = net->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 4, 3}));
+  CHECK(torch::isfinite(y).all().item<bool>());
+  y.sum().backward();
 }
 
 TEST_CASE("transformers: the Sparsifier selects the hidden size only when asked, the Pruner then removes it",

@@ -26,6 +26,8 @@ enum class OpFamily {
   Permute,         // transpose/permute: the channel dimension moves
   Select,          // select/slice along a dimension: channel by channel unless along channels
   Softmax,         // softmax/log_softmax: channel by channel unless over the channels
+  Split,           // chunk/split: each piece a run of channels when cut along them
+  BatchMatmul,     // bmm over a batch of heads: head h of both operands meet (q·kᵀ, attention·v)
   BatchNorm,       // recognised by its module's parameters; listed for affine-less batch norms
   Unknown,
 };
@@ -36,7 +38,7 @@ struct OpName {
 };
 
 // Exact names (the trailing digit is the overload LibTorch generated).
-inline constexpr std::array<OpName, 54> autograd_ops{{
+inline constexpr std::array<OpName, 58> autograd_ops{{
     {"ReluBackward0", OpFamily::ZeroPreserving},
     {"ReluBackward1", OpFamily::ZeroPreserving},
     {"LeakyReluBackward0", OpFamily::ZeroPreserving},
@@ -91,6 +93,10 @@ inline constexpr std::array<OpName, 54> autograd_ops{{
     {"LogSoftmaxBackward0", OpFamily::Softmax},
     {"GeluBackward1", OpFamily::ZeroPreserving},
     {"ExpandBackward0", OpFamily::ZeroPreserving},  // same rank: broadcast over other dims
+    {"SplitBackward0", OpFamily::Split},
+    {"SplitWithSizesBackward0", OpFamily::Split},
+    {"UnsafeSplitBackward0", OpFamily::Split},
+    {"BmmBackward0", OpFamily::BatchMatmul},
 }};
 
 inline OpFamily family_of(std::string_view name) {

@@ -13,7 +13,11 @@
 //   add / sub / mul         the operands' channel c are one element: a residual stream is one
 //                           group
 //   cat along channels      the operands' elements side by side
+//   split along channels    each piece a run of the input's elements (a fused qkv projection)
 //   Flatten into a Linear   each channel's element repeated over the features it owns
+//   heads: [.., H·d] viewed  each head's d elements become one element: a head is removed
+//     as [.., H, d]         whole (its head dimension, the attention's scale, stay)
+//   batched matmul of heads head h of both operands is one element (q·kᵀ, attention · v)
 //   barrier                 anything else: its channels on either side are never removed
 //
 // Elements joined by these rules form a *unit*: channels that exist or vanish together in every
@@ -53,6 +57,8 @@ enum class OpKind {
   Add,         // elementwise sum or difference: zero only where every operand is zero
   Mul,         // elementwise product: zero where any operand is zero
   Concat,      // operands' channels side by side
+  Split,       // one piece of a split along the channels: a run of the input's channels
+  Heads,       // consecutive channels viewed as one (attention heads: [.., H·d] -> [.., H, d])
   Flatten,     // each channel becomes a block of consecutive features
   Barrier,     // not understood: the channels on either side are kept as they are
 };
@@ -67,6 +73,8 @@ constexpr std::string_view to_string(OpKind kind) {
     case OpKind::Add: return "Add";
     case OpKind::Mul: return "Mul";
     case OpKind::Concat: return "Concat";
+    case OpKind::Split: return "Split";
+    case OpKind::Heads: return "Heads";
     case OpKind::Flatten: return "Flatten";
     case OpKind::Barrier: return "Barrier";
   }
@@ -86,6 +94,7 @@ struct GraphNode {
   bool across_channels = false;      // Norm: statistics over all channels (LayerNorm)
   std::string parameter;             // Parameter: its name in `module` ("class_token")
   std::int64_t parameter_dim = -1;   // Parameter: the dimension of it that holds the channels
+  std::int64_t offset = 0;           // Split: the input channel its piece starts at
   // Layer/Norm: whether it reads every input channel into every output channel (within its
   // groups): a channel it reads is removable only when it reads zeros there.
   bool mixes() const { return kind == OpKind::Layer; }
@@ -96,6 +105,9 @@ struct GraphValue {
   std::vector<std::int64_t> shape;     // traced graphs only: the tensor's shape
   std::int64_t producer = -1;          // the node that made it
   std::int64_t channel_dim = 1;        // traced graphs only: the dimension of `shape` holding them
+  // Traced graphs only: the batch factor that shares the channel dimension, outside the
+  // channels (attention heads merged into the batch, [N·H, T, d]: index n·H + h).
+  std::int64_t outer = 1;
   std::int64_t channels() const { return static_cast<std::int64_t>(elements.size()); }
 };
 
@@ -218,6 +230,11 @@ class GraphBuilder {
                      std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
     auto v = fresh_value(out_channels, std::move(shape), channel_dim);
     if (groups > 1 && in >= 0) join_groups(graph_.values_[in].elements, graph_.values_[v].elements, groups);
+    if (rule && rule->tied_widths && in >= 0) {  // output channel o is input channel o mod the input width
+      const auto& ein = graph_.values_[in].elements;
+      const auto& eout = graph_.values_[v].elements;
+      for (std::size_t o = 0; o < eout.size() && !ein.empty(); ++o) join(eout[o], ein[o % ein.size()]);
+    }
     GraphNode n = make_node(OpKind::Layer, std::move(op), module, {}, v);
     if (in >= 0) n.inputs.push_back(in);
     n.rule = rule;
@@ -303,6 +320,35 @@ class GraphBuilder {
     return v;
   }
 
+  // The channels [offset, offset + channels) of `in`: one piece of a split.
+  std::int64_t split(std::string op, std::int64_t in, std::int64_t offset, std::int64_t channels,
+                     std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
+    auto v = new_value(std::move(shape), channel_dim);
+    const auto& e = graph_.values_[in].elements;  // after new_value, which may move the values
+    graph_.values_[v].elements.assign(e.begin() + offset, e.begin() + offset + channels);
+    graph_.values_[v].outer = graph_.values_[in].outer;
+    GraphNode n = make_node(OpKind::Split, std::move(op), "", {in}, v);
+    n.offset = offset;
+    add_node(std::move(n), v);
+    return v;
+  }
+
+  // Each run of `in.channels() / heads` consecutive channels becomes one channel (one element
+  // for the whole run), on dimension `channel_dim` of `shape` whose index is n·heads + h.
+  std::int64_t heads(std::string op, std::int64_t in, std::int64_t heads, std::vector<std::int64_t> shape,
+                     std::int64_t channel_dim, std::int64_t outer) {
+    const auto e = graph_.values_[in].elements;  // a copy: new_value may move the values
+    const auto per = static_cast<std::int64_t>(e.size()) / heads;
+    auto v = new_value(std::move(shape), channel_dim);
+    graph_.values_[v].outer = outer;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      for (std::int64_t k = 1; k < per; ++k) join(e[h * per], e[h * per + k]);
+      graph_.values_[v].elements.push_back(e[h * per]);
+    }
+    add_node(make_node(OpKind::Heads, std::move(op), "", {in}, v), v);
+    return v;
+  }
+
   // Each channel of `in` becomes `block` consecutive features.
   std::int64_t flatten(std::string op, std::int64_t in, std::int64_t block,
                        std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
@@ -333,10 +379,30 @@ class GraphBuilder {
 
   void untraced(std::string layer) { graph_.untraced_.push_back(std::move(layer)); }
 
+  // The same data read along another channel dimension, when every channel of `in` is kept
+  // anyway (behind a barrier): fresh channels, kept too. Not a barrier of its own.
+  std::int64_t reread(std::int64_t in, std::int64_t channels, std::vector<std::int64_t> shape, std::int64_t channel_dim) {
+    auto v = fresh_value(channels, std::move(shape), channel_dim);
+    fix(v);
+    add_node(make_node(OpKind::Barrier, "reread", "", {in}, v), v);
+    return v;
+  }
+
+  // Whether every channel of `v` is kept (an input, an output or a barrier holds it).
+  bool kept(std::int64_t v) {
+    std::set<std::int64_t> roots;
+    for (auto e : fixed_) roots.insert(find(e));
+    for (auto e : graph_.values_[v].elements)
+      if (!roots.count(find(e))) return false;
+    return true;
+  }
+
   const GraphValue& value(std::int64_t v) const { return graph_.values_[v]; }
   const GraphNode& node(std::int64_t n) const { return graph_.nodes_[n]; }
   // The rule of an opaque layer's barrier node, for its cost.
   void set_rule(std::int64_t n, const LayerRule* rule) { graph_.nodes_[n].rule = rule; }
+  // A value's channels share their dimension with a batch factor (see GraphValue::outer).
+  void set_outer(std::int64_t v, std::int64_t outer) { graph_.values_[v].outer = outer; }
 
   // Resolve units and coupled groups; the builder is spent afterwards.
   Graph finish() &&;
@@ -349,7 +415,7 @@ class GraphBuilder {
   };
 
   std::int64_t new_value(std::vector<std::int64_t> shape, std::int64_t channel_dim = 1) {
-    graph_.values_.push_back({{}, std::move(shape), -1, channel_dim});
+    graph_.values_.push_back({{}, std::move(shape), -1, channel_dim, 1});
     return static_cast<std::int64_t>(graph_.values_.size()) - 1;
   }
   std::int64_t fresh_value(std::int64_t channels, std::vector<std::int64_t> shape, std::int64_t channel_dim = 1) {
@@ -365,6 +431,7 @@ class GraphBuilder {
   std::int64_t alias_value(std::int64_t in, std::vector<std::int64_t> shape = {}, std::int64_t channel_dim = 1) {
     auto v = new_value(std::move(shape), channel_dim);
     graph_.values_[v].elements = graph_.values_[in].elements;
+    graph_.values_[v].outer = graph_.values_[in].outer;
     return v;
   }
   std::int64_t add_node(GraphNode n, std::int64_t v) {

@@ -56,6 +56,18 @@ inline std::vector<std::vector<char>> zero_channels(const Graph& g, const ZeroOu
           for (char z : zero[o]) out[k++] = z;
         break;
       }
+      case OpKind::Split: {
+        const auto& in = zero[n.inputs.front()];
+        for (std::size_t c = 0; c < channels; ++c) out[c] = in[static_cast<std::size_t>(n.offset) + c];
+        break;
+      }
+      case OpKind::Heads: {  // a head is zero when all its channels are
+        const auto& in = zero[n.inputs.front()];
+        const std::size_t per = channels ? in.size() / channels : 1;
+        for (std::size_t h = 0; h < channels; ++h)
+          out[h] = std::all_of(in.begin() + h * per, in.begin() + (h + 1) * per, [](char z) { return z != 0; });
+        break;
+      }
       case OpKind::Flatten: {
         const auto& in = zero[n.inputs.front()];
         const std::size_t block = in.empty() ? 1 : channels / in.size();

@@ -107,26 +107,46 @@ inline std::int64_t wrap_dim(std::int64_t dim, std::size_t rank) {
   return dim < 0 ? dim + static_cast<std::int64_t>(rank) : dim;
 }
 
-// Where the channels on dimension `cd` of `in` go in a reshape to `out`: the dimension of `out`
-// that holds them unchanged (-1 if none), or, through `block`, the dimension into which they
-// were flattened with the dimensions after them (each channel becoming `block` features).
+// Where `channels` channels on dimension `cd` of `in` (sharing it with the batch factor
+// `outer`: index n·channels + c) go in a reshape to `out`. Reading the tensor
+// as [B, C, A] (B everything before the channels, A everything after), a dimension j of `out`
+// holds them when its stride is A and it spans a multiple of C (the channels, perhaps merged
+// with a batch factor: [N, H, T, d] -> [N·H, T, d]); or when it starts at B and also takes the
+// dimensions after (each channel becoming `block` features: [N, C, H, W] -> [N, C·H·W]); or
+// when it splits the channels into `heads` runs, the rest of each run going after it
+// ([N, T, H·d] -> [N, T, H, d], or -> [T, N·H, d] as LibTorch's MultiheadAttention does).
 struct ViewMap {
-  std::int64_t dim = -1;
-  std::int64_t block = 1;
+  std::int64_t dim = -1;    // the dimension of `out` holding the channels; -1: none
+  std::int64_t block = 1;   // features per channel there
+  std::int64_t heads = 0;   // > 0: the channels became this many runs (heads)
+  std::int64_t outer = 1;   // the batch factor sharing that dimension
 };
-inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, const std::vector<std::int64_t>& out) {
-  const auto before = product(in, 0, static_cast<std::size_t>(cd));
-  std::int64_t p = 1;
+inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, std::int64_t outer, std::int64_t channels,
+                        const std::vector<std::int64_t>& out) {
+  if (channels <= 0 || cd < 0 || cd >= static_cast<std::int64_t>(in.size())) return {};
+  const auto b = product(in, 0, static_cast<std::size_t>(cd)) * outer;
+  const auto a = product(in, static_cast<std::size_t>(cd) + 1);
+  const auto c = channels;
   for (std::size_t j = 0; j < out.size(); ++j) {
-    if (p == before) {
-      if (out[j] == in[cd]) return {static_cast<std::int64_t>(j), 1};
-      // flattened with every dimension after it: [N, C, H, W] -> [N, C·H·W]
-      if (j + 1 == out.size() && out[j] == product(in, static_cast<std::size_t>(cd))) return {static_cast<std::int64_t>(j), product(in, static_cast<std::size_t>(cd) + 1)};
+    const auto pre = product(out, 0, j), post = product(out, j + 1), here = out[j];
+    const auto dim = static_cast<std::int64_t>(j);
+    if (pre * here == b * c && here % c == 0 && post == a) return {dim, 1, 0, here / c};
+    if (pre == b && here * post == c * a && here % c == 0) return {dim, here / c, 0, 1};
+    if ((pre * here) % b == 0) {
+      const auto g = pre * here / b;
+      if (g > 1 && g < c && c % g == 0 && here % g == 0 && post * g == c * a) return {dim, 1, g, here / g};
     }
-    if (p > before) break;
-    p *= out[j];
   }
   return {};
+}
+
+// The dimension a split cut along (chunk, split, split_with_sizes); -1: not a split.
+inline std::int64_t split_dim(const torch::autograd::Node& n) {
+  using namespace torch::autograd::generated;
+  if (const auto* s = dynamic_cast<const SplitBackward0*>(&n)) return s->dim;
+  if (const auto* s = dynamic_cast<const SplitWithSizesBackward0*>(&n)) return s->dim;
+  if (const auto* s = dynamic_cast<const UnsafeSplitBackward0*>(&n)) return s->dim;
+  return -1;
 }
 
 // The dimensions a mean or sum reduced, where the node saved them (all of them: nullopt).
@@ -280,6 +300,7 @@ class Tracer {
       if (params.size() == before) ops.constant = true;  // a tensor with no owner, or none
     }
     const auto shape = output_shape(n, 0);
+    if (params.empty() && family_of(n.name()) == OpFamily::Split && split(n, ops)) return;
     data_[{&n, 0}] = params.empty() ? functional(n, ops, shape) : with_parameters(n, ops.data, params, shape);
   }
 
@@ -317,8 +338,15 @@ class Tracer {
     for (const auto* p : params) modules.insert(p->module);
     const Owner& owner = **params.begin();
     const LayerRule* rule = owner.rule;
-    const std::int64_t in = operands.size() == 1 ? operands.front() : -1;
+    std::int64_t in = operands.size() == 1 ? operands.front() : -1;
     if (modules.size() == 1 && rule && in >= 0 && !shape.empty()) {
+      // Data whose channels a barrier keeps, seen along another dimension than this layer reads
+      // (tokens after an attention the graph does not follow): read along the layer's.
+      const auto& sh = builder_.value(in).shape;
+      const auto layer_cd = wrap_dim(rule->channel_dim, sh.size());
+      if (sh.size() >= 2 && layer_cd >= 0 && layer_cd < static_cast<std::int64_t>(sh.size()) &&
+          builder_.value(in).channel_dim != layer_cd && builder_.kept(in))
+        in = builder_.reread(in, sh[layer_cd], sh, layer_cd);
       const auto& iv = builder_.value(in);
       const auto& in_shape = iv.shape;
       const auto rank = static_cast<std::int64_t>(shape.size());
@@ -372,6 +400,31 @@ class Tracer {
     bool constant = false;             // an operand that is neither (a constant tensor)
   };
 
+  // A split along the channels (a fused qkv projection chunked in three): each piece a run of
+  // them. False when it cuts along another dimension or cannot be read: a barrier then.
+  bool split(const torch::autograd::Node& n, const Operands& ops) {
+    if (ops.data.size() != 1 || !ops.free.empty() || ops.constant) return false;
+    const auto in = ops.data.front();
+    const auto& iv = builder_.value(in);
+    const auto dim = wrap_dim(split_dim(n), iv.shape.size());
+    if (iv.outer != 1 || dim != iv.channel_dim) return false;
+    std::vector<std::vector<std::int64_t>> shapes;
+    std::int64_t total = 0;
+    for (std::uint32_t k = 0; k < n.num_inputs(); ++k) {
+      shapes.push_back(output_shape(n, k));
+      if (shapes.back().size() != iv.shape.size()) return false;
+      total += shapes.back()[dim];
+    }
+    if (total != iv.channels()) return false;
+    std::int64_t offset = 0;
+    for (std::uint32_t k = 0; k < n.num_inputs(); ++k) {
+      const auto width = shapes[k][dim];
+      data_[{&n, k}] = builder_.split(n.name(), in, offset, width, shapes[k], dim);
+      offset += width;
+    }
+    return true;
+  }
+
   std::int64_t functional(const torch::autograd::Node& n, Operands& ops, const std::vector<std::int64_t>& shape) {
     const std::string name = n.name();
     const auto& operands = ops.data;
@@ -387,8 +440,10 @@ class Tracer {
     const auto& in_shape = iv.shape;
     const auto cd = iv.channel_dim;
     const auto channels = iv.channels();
+    const auto outer = iv.outer;
     // Channel by channel: same rank, the channels where they were.
-    const bool same_channels = in_shape.size() == rank && in_shape[0] == shape[0] && channels_of(shape, cd) == channels;
+    const bool same_channels =
+        in_shape.size() == rank && in_shape[0] == shape[0] && channels_of(shape, cd) == channels * outer;
     const auto family = family_of(name);
     if (!ops.free.empty() && family != OpFamily::Add && family != OpFamily::Mul && family != OpFamily::Concat)
       return barrier();
@@ -421,7 +476,7 @@ class Tracer {
           for (std::size_t j = 0; j < p->dims.size(); ++j)
             if (wrap_dim(p->dims[j], rank) == cd) to = static_cast<std::int64_t>(j);
         }
-        if (to < 0 || channels_of(shape, to) != channels) return barrier();
+        if (to < 0 || channels_of(shape, to) != channels * outer) return barrier();
         return builder_.per_channel(name, in, true, shape, to);
       }
       case OpFamily::Select: {
@@ -431,20 +486,23 @@ class Tracer {
         dim = wrap_dim(dim, in_shape.size());
         if (operands.size() != 1 || dim < 0 || dim == cd) return barrier();
         const auto to = rank < in_shape.size() && dim < cd ? cd - 1 : cd;  // select drops `dim`
-        if (channels_of(shape, to) != channels) return barrier();
+        if (channels_of(shape, to) != channels * outer) return barrier();
         return builder_.per_channel(name, in, true, shape, to);
       }
       case OpFamily::View: {
         if (operands.size() != 1 || in_shape.size() < 2 || cd < 0) return barrier();
-        const auto map = map_view(in_shape, cd, shape);
+        const auto map = map_view(in_shape, cd, outer, channels, shape);
         if (map.dim < 0) return barrier();
-        if (map.block == 1) return builder_.per_channel(name, in, true, shape, map.dim);
-        return builder_.flatten(name, in, map.block, shape, map.dim);
+        if (map.heads > 0) return builder_.heads(name, in, map.heads, shape, map.dim, map.outer);
+        if (map.block > 1) return builder_.flatten(name, in, map.block, shape, map.dim);
+        const auto v = builder_.per_channel(name, in, true, shape, map.dim);
+        builder_.set_outer(v, map.outer);
+        return v;
       }
       case OpFamily::Reduce: {
         // A mean/sum over dimensions other than the channels: the reduced dimensions as the
         // node saved them, or else as the shapes tell them without doubt.
-        if (operands.size() != 1) return barrier();
+        if (operands.size() != 1 || outer != 1) return barrier();
         std::set<std::int64_t> places;
         const auto r = in_shape.size();
         if (auto dims = reduced_dims(n)) {
@@ -484,9 +542,10 @@ class Tracer {
           const auto d = aligned(v.shape);
           if (v.shape.size() > rank) return barrier();
           const bool broadcast = d < 0 || v.shape[d] == 1;
-          if (!broadcast && (v.channel_dim != d || v.channels() != channels_of(shape, out_cd))) return barrier();
+          if (!broadcast && (v.channel_dim != d || v.outer != outer || v.channels() * outer != channels_of(shape, out_cd)))
+            return barrier();
         }
-        if (channels_of(shape, out_cd) != channels) return barrier();
+        if (channels_of(shape, out_cd) != channels * outer || (outer != 1 && !ops.free.empty())) return barrier();
         bool constant = ops.constant;
         for (auto& f : ops.free) {
           const auto d = aligned(f.shape);
@@ -511,8 +570,22 @@ class Tracer {
             value_of(n.next_edges()[0].function.get(), n.next_edges()[0].input_nr) != in || !same_channels)
           return barrier();
         return builder_.per_channel(name, in, true, shape, cd);
+      case OpFamily::BatchMatmul: {
+        // [B·H, T, d] × [B·H, d, T']: head h of one operand meets head h of the other only, and
+        // a head of the product is zero where either operand's is (q·kᵀ with q or k zero, the
+        // attention times a zero v). Both operands must hold the same heads on the batch.
+        if (operands.size() != 2 || ops.constant || rank != 3) return barrier();
+        const auto& other = builder_.value(operands[1]);
+        if (cd != 0 || other.channel_dim != 0 || other.channels() != channels || other.outer != outer ||
+            channels_of(shape, 0) != channels * outer)
+          return barrier();
+        const auto v = builder_.elementwise(OpKind::Mul, name, operands, false, shape, 0);
+        return v;
+      }
+      case OpFamily::Split:  // along another dimension than the channels (see split())
+        return barrier();
       case OpFamily::Concat: {
-        if (ops.constant) return barrier();  // an operand we cannot see
+        if (ops.constant || outer != 1) return barrier();  // an operand we cannot see
         const auto* c = dynamic_cast<const torch::autograd::generated::CatBackward0*>(&n);
         if (c == nullptr) return barrier();
         const auto dim = wrap_dim(c->dim, rank);

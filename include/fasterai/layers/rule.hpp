@@ -45,8 +45,8 @@ enum class LayerRole {
   // a channel changes every other one, so such channels are removed only when asked
   // (approximate pruning).
   Normalizing,
-  // Known for its cost, not for its channels (LibTorch's MultiheadAttention, whose projections
-  // are tied to its embedding size): a barrier that count_macs still counts.
+  // Known for its cost, not for its channels (a user's layer registered only so that count_macs
+  // counts it): a barrier that count_macs still counts.
   Opaque,
 };
 
@@ -73,6 +73,10 @@ struct LayerRule {
   // The number of channel groups that couple input and output (grouped convolutions, the
   // groups of a GroupNorm); nullptr: 1.
   std::function<std::int64_t(const torch::nn::Module&)> groups;
+  // Whether output channel o is also input channel o mod (input width): a layer whose inner
+  // width must equal the width it reads (LibTorch's MultiheadAttention: in_proj's 3·E rows are
+  // the query, key and value of the E channels it reads), so both go together.
+  bool tied_widths = false;
   // Whether this instance is understood at all (a LayerNorm over more than the last
   // dimension is not); nullptr: always.
   std::function<bool(const torch::nn::Module&)> supported;
