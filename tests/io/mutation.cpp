@@ -3,10 +3,15 @@
 // reader either refuses it with a state_dict_error or returns exactly what the file says:
 // - a damaged archive (CRC-32 covers every record) reads to the original tensors or not at all;
 // - a pickle edited and re-archived with valid checksums yields only tensors that view the
-//   bytes of its storage records, within bounds;
+//   bytes of its storage records, within bounds (or, for PyTorch 2.x's conjugate and negative
+//   views, those bytes with the flags resolved). The edits are byte-level (splices, deletions,
+//   repeats) and semantic: one opcode of the pickle at a time, a size, stride, offset or numel
+//   set to an edge value, a memo reference moved to another entry, a string (a storage key,
+//   a metadata key) or a flag replaced, a tuple's arity changed, an opcode dropped or doubled.
+//   The seeds include PyTorch 2.6's files of tests/data/files/ (metadata, every dtype);
 // and no input crashes, takes more than 2 s, or grows the process's peak memory by 256 MB.
 //
-// By default this runs 18,000 inputs (a few seconds). To run longer, e.g. 1.2 million:
+// By default this runs 42,000 inputs (a few seconds). To run longer, e.g. 2.8 million:
 //   FASTERAI_MUTATIONS=100000 FASTERAI_MUTATION_SEED=2 build/tests/test_io "[mutation]"
 // (FASTERAI_MUTATIONS inputs per seed file and strategy; under scripts/sanitize.sh too).
 
@@ -18,6 +23,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <limits>
 #include <random>
 #include <set>
 #include <string>
@@ -91,6 +99,9 @@ std::vector<SeedFile> seed_files() {
   seeds.push_back(
       seed_from("python_one_entry",
                 build_zip(torch_entries(one_entry_pickle(), {{"0", floats(one)}})).bytes));
+  // PyTorch 2.6's files: conjugate and negative views ({'conj': True} metadata), every dtype.
+  for (const char* name : {"torch26_conj.pt", "torch26_neg.pt", "torch26_matrix.pt"})
+    seeds.push_back(seed_from(name, read_bytes(fs::path(FASTERAI_TEST_DATA_DIR) / name)));
   return seeds;
 }
 
@@ -103,10 +114,34 @@ bool same(const StateDict& a, const StateDict& b) {
   return true;
 }
 
-// Every tensor is a view, within bounds, of a storage whose bytes are one record's bytes.
+std::string bytes_of(const torch::Tensor& t) {
+  return std::string(static_cast<const char*>(t.data_ptr()), static_cast<std::size_t>(t.nbytes()));
+}
+
+// Every tensor is a view, within bounds, of a storage whose bytes are one record's bytes, or
+// (a conjugate or negative view) the record's values conjugated, negated or both.
 bool views_the_records(const StateDict& state, const std::vector<ZipEntry>& entries) {
   std::set<std::string> records;
   for (const auto& e : entries) records.insert(e.data);
+  auto resolved = [&](const torch::Tensor& storage) {
+    const auto dtype = storage.scalar_type();
+    const auto size = static_cast<std::int64_t>(c10::elementSize(dtype));
+    for (const auto& e : entries) {
+      if (e.data.size() != static_cast<std::size_t>(storage.numel() * size) || e.data.empty())
+        continue;
+      torch::Tensor r = torch::empty({storage.numel()}, torch::TensorOptions().dtype(dtype));
+      std::memcpy(r.data_ptr(), e.data.data(), e.data.size());
+      std::vector<torch::Tensor> forms;
+      if (dtype != torch::kBool) forms.push_back(torch::neg(r));
+      if (r.is_complex()) {
+        forms.push_back(torch::conj_physical(r));
+        forms.push_back(torch::neg(torch::conj_physical(r)));
+      }
+      for (const auto& f : forms)
+        if (bytes_of(f) == bytes_of(storage)) return true;
+    }
+    return false;
+  };
   for (const auto& item : state) {
     const torch::Tensor& t = item.value();
     const auto storage_bytes = static_cast<std::int64_t>(t.storage().nbytes());
@@ -119,7 +154,10 @@ bool views_the_records(const StateDict& state, const std::vector<ZipEntry>& entr
     if (!empty && (last + 1) * t.element_size() > storage_bytes) return false;
     const std::string bytes(static_cast<const char*>(t.storage().data()),
                             static_cast<std::size_t>(storage_bytes));
-    if (!records.contains(bytes)) return false;
+    if (!records.contains(bytes) &&
+        !resolved(torch::empty({0}, t.options()).set_(t.storage(), 0,
+                                                       {storage_bytes / t.element_size()}, {1})))
+      return false;
   }
   return true;
 }
@@ -171,6 +209,101 @@ std::string mutate_pickle(std::string p, std::mt19937_64& rng) {
       }
     }
   }
+  return p;
+}
+
+// The opcodes of a pickle, as [position, length) spans, up to the first one that is not in a
+// state_dict's subset (or the end).
+std::vector<std::pair<std::size_t, std::size_t>> opcodes(const std::string& p) {
+  std::vector<std::pair<std::size_t, std::size_t>> ops;
+  std::size_t at = 0;
+  auto le = [&](std::size_t from, int n) {
+    std::size_t v = 0;
+    for (int i = 0; i < n; ++i) v |= std::size_t{static_cast<unsigned char>(p[from + i])} << (8 * i);
+    return v;
+  };
+  while (at < p.size()) {
+    std::size_t n = 1;
+    switch (static_cast<unsigned char>(p[at])) {
+      case 0x80: case 'K': case 'q': case 'h': n = 2; break;
+      case 'M': n = 3; break;
+      case 'J': case 'r': case 'j': n = 5; break;
+      case 'G': case 0x95: n = 9; break;
+      case 0x8a: case 0x8c:
+        if (at + 1 >= p.size()) return ops;
+        n = 2 + le(at + 1, 1);
+        break;
+      case 'X':
+        if (at + 4 >= p.size()) return ops;
+        n = 5 + le(at + 1, 4);
+        break;
+      case 'c': {
+        const auto first = p.find('\n', at);
+        const auto second = first == std::string::npos ? first : p.find('\n', first + 1);
+        if (second == std::string::npos) return ops;
+        n = second + 1 - at;
+        break;
+      }
+      case '.': case '(': case 'N': case 0x88: case 0x89: case ')': case 0x85: case 0x86:
+      case 0x87: case 't': case ']': case 'a': case 'e': case '}': case 's': case 'u': case 'b':
+      case 'R': case 'Q': case 0x94: case 0x93: break;
+      default: return ops;
+    }
+    if (at + n > p.size()) return ops;
+    ops.emplace_back(at, n);
+    at += n;
+  }
+  return ops;
+}
+
+std::string long1(std::int64_t v) {
+  std::string s = "\x8a\x08"s;
+  for (int i = 0; i < 8; ++i) s += static_cast<char>(static_cast<std::uint64_t>(v) >> (8 * i));
+  return s;
+}
+
+std::string unicode(std::string_view text) {
+  std::string s = "X"s;
+  for (int i = 0; i < 4; ++i) s += static_cast<char>(text.size() >> (8 * i));
+  return s.append(text);
+}
+
+// One semantic edit: an opcode replaced by another of its kind with a value chosen to hurt.
+std::string edit_semantically(std::string p, std::mt19937_64& rng) {
+  auto pick = [&](std::size_t n) { return std::uniform_int_distribution<std::size_t>(0, n)(rng); };
+  const auto ops = opcodes(p);
+  if (ops.empty()) return p;
+  const auto [at, n] = ops[pick(ops.size() - 1)];
+  const auto op = static_cast<unsigned char>(p[at]);
+  static const std::vector<std::int64_t> numbers{
+      0, 1, 2, 3, 5, 6, -1, -2, 63, 64, 65, 4096, (std::int64_t{1} << 31) - 1, std::int64_t{1} << 32,
+      std::int64_t{1} << 62, std::numeric_limits<std::int64_t>::max(),
+      std::numeric_limits<std::int64_t>::min()};
+  static const std::vector<std::string> strings{"conj", "neg", "zero", "storage", "0", "1", "cpu", ""};
+  static const std::vector<std::string> tuples{")", "\x85", "\x86", "\x87", "t"};
+  std::string replacement;
+  switch (op) {
+    case 'K': case 'M': case 'J': case 0x8a:  // sizes, strides, offsets, numels
+      replacement = long1(numbers[pick(numbers.size() - 1)]);
+      break;
+    case 'h': case 'q':  // a memo reference moved
+      replacement = p.substr(at, 1) + static_cast<char>(pick(20));
+      break;
+    case 'j': case 'r':
+      replacement = p.substr(at, 1) + static_cast<char>(pick(20)) + "\0\0\0"s;
+      break;
+    case 'X': case 0x8c:  // storage keys, dict keys, metadata keys
+      replacement = unicode(strings[pick(strings.size() - 1)]);
+      break;
+    case 0x88: replacement = "\x89"s; break;
+    case 0x89: replacement = "\x88"s; break;
+    case ')': case 0x85: case 0x86: case 0x87: case 't':
+      replacement = tuples[pick(tuples.size() - 1)];
+      break;
+    default:  // any other opcode dropped or doubled
+      replacement = pick(1) == 0 ? ""s : p.substr(at, n) + p.substr(at, n);
+  }
+  p.replace(at, n, replacement);
   return p;
 }
 
@@ -236,12 +369,22 @@ TEST_CASE("mutated state_dict files are refused or read as they say", "[mutation
                [&](const StateDict& s) { return views_the_records(s, seed.entries); }))
         ++bad;
     }
+    // Semantic edits, one to three opcodes at a time.
+    for (std::int64_t i = 0; i < per_strategy; ++i) {
+      std::vector<ZipEntry> entries = seed.entries;
+      const int edits = 1 + static_cast<int>(pick(2));
+      for (int e = 0; e < edits; ++e)
+        entries.front().data = edit_semantically(entries.front().data, rng);
+      if (!run(build_zip(entries).bytes,
+               [&](const StateDict& s) { return views_the_records(s, seed.entries); }))
+        ++bad;
+    }
     CHECK(bad == 0);
   }
   const long grown_mib = (peak_rss_kib() - peak_before) / 1024;
   INFO(inputs << " inputs: " << refused << " refused, " << read << " read; slowest " << slowest
               << " s; peak memory grew by " << grown_mib << " MiB");
-  CHECK(inputs == static_cast<std::int64_t>(seeds.size()) * 3 * per_strategy);
+  CHECK(inputs == static_cast<std::int64_t>(seeds.size()) * 4 * per_strategy);
   CHECK(refused > 0);
   CHECK(read > 0);
   CHECK(slowest < 2.0);
