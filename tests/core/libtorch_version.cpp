@@ -2,6 +2,7 @@
 // its helpers give the same answers on both.
 #include "catch.hpp"
 
+#include <cstdlib>
 #include <string>
 
 #include <torch/version.h>
@@ -29,4 +30,29 @@ TEST_CASE("libtorch_version: reduced SVD and singular values", "[libtorch_versio
     CHECK(torch::allclose(u.matmul(torch::diag(s)).matmul(vh), a, 1e-10, 1e-10));
     CHECK(torch::allclose(fasterai::libtorch::svdvals(a), s, 1e-10, 1e-10));
   }
+}
+
+TEST_CASE("libtorch_version: the guards for builds with LLVM and Vulkan kernels", "[libtorch_version]") {
+  const bool fuser = torch::jit::tensorExprFuserEnabled();
+  {
+    const fasterai::libtorch::NoTensorExprFuser no_fuser;
+    if (std::getenv("PYTORCH_TENSOREXPR") == nullptr) CHECK(!torch::jit::tensorExprFuserEnabled());
+    {
+      const fasterai::libtorch::NoTensorExprFuser nested;
+    }
+    if (std::getenv("PYTORCH_TENSOREXPR") == nullptr) CHECK(!torch::jit::tensorExprFuserEnabled());
+  }
+  CHECK(torch::jit::tensorExprFuserEnabled() == fuser);
+
+  const auto x = torch::randn({3}).requires_grad_();
+  torch::Tensor y;
+  {
+    const fasterai::libtorch::InferenceGuard guard;
+    CHECK(c10::InferenceMode::is_enabled());
+    y = x * 2;
+  }
+  CHECK(!c10::InferenceMode::is_enabled());
+  CHECK(y.is_inference());
+  CHECK(!y.requires_grad());
+  CHECK(torch::jit::tensorExprFuserEnabled() == fuser);
 }

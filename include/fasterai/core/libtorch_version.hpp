@@ -20,12 +20,33 @@
 // - c10's warning handlers: 1.13 calls process(location, message, verbatim) and scopes a handler
 //   with c10::Warning::WarningHandlerGuard; 2.x calls process(const c10::Warning&) and has
 //   c10::WarningUtils::WarningHandlerGuard. WarningCollector and WarningHandlerGuard serve both.
+//
+// Two differences come from how a LibTorch was built, not from its version (Debian 13's 2.6 has
+// both, Debian 12's 1.13 neither); the guards below are taken on every build, at no cost where
+// they change nothing:
+// - Vulkan kernels (USE_VULKAN): Vulkan and oneDNN (MkldnnCPU) tensors share the AutogradOther
+//   dispatch key, so an op that is CompositeImplicitAutograd *and* has a Vulkan kernel
+//   (aten::max_pool2d) gets an ambiguity kernel there that asserts ("aten::max_pool2d has
+//   kernels registered to both CompositeImplicitAutograd and a backend mapped to
+//   AutogradOther") for every oneDNN tensor that goes through autograd dispatch, NoGradGuard or
+//   not. torch::jit::optimize_for_inference's graphs carry oneDNN tensors from op to op: they
+//   run under InferenceGuard, which skips the autograd keys (Python on that build fails the
+//   same way outside torch.inference_mode()).
+// - LLVM (USE_LLVM): TorchScript's TensorExpr fuser (NNC) then fuses on the CPU by default
+//   (pytorch.org's and Debian 12's builds have no LLVM, so no CPU fusion), and in 2.6 its
+//   lowering of depthwise convolutions (tensorexpr::conv2d_depthwise) crashes in
+//   LoopNest::sliceTail (MobileNetV2) or never finishes compiling (LLVMCodeGen, a 1-channel
+//   grouped convolution). The profiling executor builds a graph's plan once, at its second
+//   run, and keeps it: fasterai builds the plans of the graphs it runs under NoTensorExprFuser,
+//   so they run unfused, as on every build without LLVM.
 
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/jit/passes/tensorexpr_fuser.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -91,5 +112,32 @@ using WarningHandlerGuard = c10::WarningUtils::WarningHandlerGuard;
 #else
 using WarningHandlerGuard = c10::Warning::WarningHandlerGuard;
 #endif
+
+// TorchScript's TensorExpr fuser (NNC) off for a scope, then as it was (see the banner: on a
+// LibTorch built with LLVM it fuses on the CPU, and its depthwise convolutions crash or hang).
+// A graph whose plan was built in this scope keeps running unfused after it. The switch is
+// process-wide, as LibTorch's own is; the environment's PYTORCH_TENSOREXPR still wins.
+class NoTensorExprFuser {
+ public:
+  NoTensorExprFuser() : was_enabled_(torch::jit::tensorExprFuserEnabled()) {
+    torch::jit::setTensorExprFuserEnabled(false);
+  }
+  ~NoTensorExprFuser() { torch::jit::setTensorExprFuserEnabled(was_enabled_); }
+  NoTensorExprFuser(const NoTensorExprFuser&) = delete;
+  NoTensorExprFuser& operator=(const NoTensorExprFuser&) = delete;
+
+ private:
+  bool was_enabled_;
+};
+
+// What a finished inference graph (fasterai::InferenceModel's) runs under: c10::InferenceMode,
+// whose dispatch skips the autograd keys (on a build with Vulkan kernels, oneDNN tensors would
+// otherwise hit the AutogradOther ambiguity assert, see the banner), and no TensorExpr fuser.
+// Tensors made in the scope are inference tensors: no autograd, no in-place change outside
+// InferenceMode (clone() one to get an ordinary tensor).
+struct InferenceGuard {
+  c10::InferenceMode inference_mode;
+  NoTensorExprFuser no_fuser;
+};
 
 }  // namespace fasterai::libtorch
