@@ -124,6 +124,29 @@ TEST_CASE("optimize_for_inference: a user's module in training mode is optimized
   CHECK(relative_difference(fast(x), expected) < 1e-5);
 }
 
+TEST_CASE("optimize_for_inference: the result runs with gradients on and gives inference tensors",
+          "[optimize]") {
+  // No NoGradGuard, an input that requires grad: the optimized model runs its oneDNN graph
+  // under c10::InferenceMode (on a LibTorch with Vulkan kernels, aten::max_pool2d on oneDNN
+  // tensors asserts in autograd dispatch otherwise; see core/libtorch_version.hpp).
+  torch::manual_seed(8);
+  auto model = models::compact_vgg();
+  trained_looking(*model);
+  model->eval();
+  const auto x = torch::randn({1, 1, 28, 28});
+  InferenceModel fast = optimize_for_inference(model, x);
+  REQUIRE(torch::GradMode::is_enabled());
+  const auto input = torch::randn({1, 1, 28, 28}).requires_grad_();
+  torch::Tensor y;
+  for (int i = 0; i < 3; ++i) y = fast(input);  // the third run uses the plan built by the second
+  CHECK(y.is_inference());
+  CHECK(!y.requires_grad());
+  CHECK(!c10::InferenceMode::is_enabled());
+  torch::NoGradGuard no_grad;
+  CHECK(relative_difference(y, model->forward(input)) < 1e-5);
+  CHECK(relative_difference(y.clone().mul_(2), 2 * y) == 0);  // a clone is an ordinary tensor
+}
+
 TEST_CASE("optimize_for_inference: the result saves, loads, and runs in the latency harness",
           "[optimize]") {
   torch::manual_seed(6);

@@ -43,6 +43,27 @@ struct BranchyImpl : torch::nn::Module {
 };
 TORCH_MODULE(Branchy);
 
+// Depthwise convolutions, one of them applied twice: where LibTorch is built with LLVM (Debian
+// 13's 2.6), TorchScript's CPU fuser crashes or never finishes compiling such graphs.
+struct DepthwiseNetImpl : torch::nn::Module {
+  torch::nn::Conv2d single{torch::nn::Conv2dOptions(1, 1, 3).padding(1)};
+  torch::nn::Conv2d expand{torch::nn::Conv2dOptions(1, 8, 1)};
+  torch::nn::Conv2d depthwise{torch::nn::Conv2dOptions(8, 8, 3).padding(1).groups(8)};
+  torch::nn::Linear fc{8, 3};
+  DepthwiseNetImpl() {
+    register_module("single", single);
+    register_module("expand", expand);
+    register_module("depthwise", depthwise);
+    register_module("fc", fc);
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(single(torch::relu(single(x))));
+    x = torch::clamp(depthwise(expand(x)), 0, 6) + x;
+    return fc(torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
+  }
+};
+TORCH_MODULE(DepthwiseNet);
+
 struct PairOutImpl : torch::nn::Module {
   std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x) { return {x, x}; }
 };
@@ -195,4 +216,20 @@ TEST_CASE("to_torchscript: bad inputs raise clear errors and leave the model as 
   const auto after = model->buffers();
   REQUIRE(after.size() == before.size());
   for (std::size_t i = 0; i < before.size(); ++i) CHECK(torch::equal(after[i], before[i]));
+}
+
+TEST_CASE("to_torchscript: an export with depthwise convolutions runs again and again",
+          "[torchscript]") {
+  // The export's execution plan is built by the check's second run, without TorchScript's
+  // TensorExpr fuser (see core/libtorch_version.hpp), and kept for every later call.
+  torch::manual_seed(12);
+  auto model = DepthwiseNet();
+  model->eval();
+  const auto x = torch::randn({2, 1, 12, 12});
+  torch::jit::Module exported = to_torchscript(model, x);
+  torch::NoGradGuard no_grad;
+  for (int i = 0; i < 4; ++i) {
+    const auto input = torch::randn({2, 1, 12, 12});
+    CHECK(torch::allclose(exported.forward({input}).toTensor(), model->forward(input), 1e-5, 1e-6));
+  }
 }

@@ -13,7 +13,7 @@
 //   5. torch::jit::optimize_for_inference: conv–BN/ReLU/add fusion, oneDNN (MKLDNN) layouts and
 //      prepacked weights where LibTorch's build has them.
 // Python's equivalent is torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
-// model.eval(), x))). The result works for inputs of the example's shape; other shapes may run
+// model.eval(), x))), called under torch.inference_mode(). The result works for inputs of the example's shape; other shapes may run
 // slower or, where the trace captured a shape, fail.
 
 #include <filesystem>
@@ -25,6 +25,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/transform/bn_folder.hpp>
@@ -57,7 +58,16 @@ class InferenceModelImpl : public torch::nn::Module {
         portable_(std::move(portable)),
         report_(report) {}
 
-  torch::Tensor forward(torch::Tensor x) { return module_.forward({std::move(x)}).toTensor(); }
+  // Runs under libtorch::InferenceGuard (c10::InferenceMode, no TensorExpr fuser): the result is
+  // an inference tensor (no autograd; clone() it to change it in place). Without the guard, a
+  // LibTorch built with Vulkan kernels (Debian 13's 2.6) asserts in aten::max_pool2d on the
+  // oneDNN tensors of step 5, and one built with LLVM fuses with TorchScript's CPU fuser, whose
+  // depthwise convolutions crash (see core/libtorch_version.hpp). Calling script_module()
+  // directly bypasses the guard.
+  torch::Tensor forward(torch::Tensor x) {
+    const libtorch::InferenceGuard guard;
+    return module_.forward({std::move(x)}).toTensor();
+  }
 
   // Python's torch.jit.load and LibTorch's torch::jit::load read the file. It holds the module
   // before step 5: the oneDNN constants that optimize_for_inference creates do not serialize

@@ -42,6 +42,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 
 namespace fasterai {
 
@@ -254,6 +255,9 @@ torch::jit::Module to_torchscript(Model& model, const torch::Tensor& example_inp
                "it is exported as the one path the example input took (tracing records one path)");
   if (options.check() && !detail::any_training(m)) {
     torch::NoGradGuard no_grad;
+    // The second run builds the export's execution plan, which it keeps: without TensorExpr
+    // fusion, which crashes on depthwise convolutions where LibTorch has LLVM (libtorch_version.hpp).
+    const libtorch::NoTensorExprFuser no_fuser;
     for (const auto& input : detail::check_inputs(example_input)) {
       const torch::Tensor expected = m.forward(input);
       const torch::Tensor got = exported.forward({input}).toTensor();
