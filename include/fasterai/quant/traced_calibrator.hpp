@@ -57,6 +57,7 @@
 #include <torch/torch.h>
 
 #include <fasterai/core/error.hpp>
+#include <fasterai/core/libtorch_version.hpp>
 #include <fasterai/data/batches.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/quant/engine.hpp>
@@ -332,6 +333,10 @@ class TracedCalibrator {
     };
     try {
       torch::NoGradGuard no_grad;
+      // The observed graph's plan is built at the second batch and kept: without TensorExpr
+      // fusion, whose depthwise convolutions crash or hang where LibTorch has LLVM
+      // (core/libtorch_version.hpp).
+      const libtorch::NoTensorExprFuser no_fuser;
       observed_.forward({batch.to(torch::kFloat32)});
     } catch (const std::exception& e) {  // c10::Error, or the interpreter's runtime_error
       restore();
