@@ -8,9 +8,11 @@
 #              its own translation unit too, and run the whole CTest suite.
 #   --ci       CI's LibTorch 2.x leg (it has to fit beside the 1.13 suite in CI's time): build
 #              every public header in its own translation unit (each area's code compiles
-#              against 2.6) and the tests of core, graph, layers and dist, and run them: the
-#              version header, tracing on 2.6's autograd graph (transformers' permutes, token
-#              Linears, layer rules) and the two-process data-parallel tests on 2.6's c10d.
+#              against 2.6) and the tests of core, graph, layers, dist, deploy and quant, and run
+#              them: the version header, tracing on 2.6's autograd graph (transformers' permutes,
+#              token Linears, layer rules), the two-process data-parallel tests on 2.6's c10d,
+#              TorchScript export and optimize_for_inference (2.6's oneDNN graphs and CPU
+#              fuser), and int8 quantization, the traced path included (2.6's JIT passes).
 # Environment:
 #   FASTERAI_COMPAT_ROOT    the Debian 13 root (default /var/cache/fasterai/trixie-root)
 #   FASTERAI_COMPAT_MIRROR  the Debian mirror (default: the first one in this machine's apt
@@ -34,8 +36,8 @@ source_dir=/work/fasterai   # inside the root
 build_dir=/work/build       # inside the root, outside the copy: kept between runs
 
 # What --ci builds and runs.
-ci_targets=(fasterai_header_check test_core test_graph test_layers test_dist)
-ci_tests='^(core|graph|layers|dist)/'
+ci_targets=(fasterai_header_check test_core test_graph test_layers test_dist test_deploy test_quant)
+ci_tests='^(core|graph|layers|dist|deploy|quant)/'
 
 step_start=$SECONDS
 step() {  # step NAME: report the time the previous step took, then announce NAME
