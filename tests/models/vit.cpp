@@ -11,6 +11,7 @@
 #include <fasterai/graph/trace.hpp>
 #include <fasterai/io/state_dict.hpp>
 #include <fasterai/models/vit.hpp>
+#include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/transform/pruner.hpp>
 
 #include "python_oracle.hpp"
@@ -124,6 +125,44 @@ TEST_CASE("ViT-B/16 pruned as Torch-Pruning prunes it: hidden 768 -> 384 by whol
   const auto y = vit->forward(x);
   CHECK(y.sizes() == torch::IntArrayRef({1, 1000}));
   CHECK(torch::isfinite(y).all().item<bool>());
+}
+
+TEST_CASE("ViT: the Sparsifier scores MultiheadAttention's projection; heads and hidden size go when asked",
+          "[zoo][vit][sparsifier]") {
+  torch::manual_seed(4);
+  auto vit = models::vit(small_vit().num_heads(4));
+  randomize_zeros(vit);
+  vit->eval();
+  const auto x = torch::randn({2, 3, 32, 32});
+  auto* block = vit->encoder->layers[0]->as<models::EncoderBlockImpl>();
+  {
+    // Exact: the MLP units only (the heads are tied to the hidden size).
+    auto copy = models::VisionTransformer(std::dynamic_pointer_cast<models::VisionTransformerImpl>(vit->clone()));
+    Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(copy, x,
+                                                                         SparsifierOptions(50).include_linear(true));
+    sparsifier.prune(50);
+    CHECK(Pruner(PrunerOptions().approximate(true)).prune_(copy, x).exact());
+    auto* b = copy->encoder->layers[0]->as<models::EncoderBlockImpl>();
+    CHECK(b->self_attention->options.num_heads() == 4);
+    CHECK(b->mlp[0]->as<torch::nn::LinearImpl>()->options.out_features() == 32);
+  }
+  Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(
+      vit, x, SparsifierOptions(50).include_linear(true).approximate(true));
+  sparsifier.prune(50);
+  // The in_proj rows of the removed heads are zero: q, k and v of 8 channels each.
+  const auto zero_rows = block->self_attention->in_proj_weight.eq(0).all(1).sum().item<std::int64_t>();
+  CHECK(zero_rows == 3 * 16);
+  const auto report = Pruner(PrunerOptions().approximate(true)).prune_(vit, x);
+  CHECK_FALSE(report.exact());
+  CHECK(block->self_attention->options.embed_dim() == 16);
+  CHECK(block->self_attention->options.num_heads() == 2);
+  CHECK(block->mlp[0]->as<torch::nn::LinearImpl>()->options.out_features() == 32);
+  CHECK(vit->conv_proj->options.out_channels() == 16);
+  vit->zero_grad();
+  const auto y = vit->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 10}));
+  CHECK(torch::isfinite(y).all().item<bool>());
+  y.sum().backward();
 }
 
 TEST_CASE("ViT equals torchvision's: names, shapes, state_dicts and logits (Python oracle)", "[zoo][vit][python]") {

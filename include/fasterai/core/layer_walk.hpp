@@ -18,6 +18,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/sequential.hpp>
+#include <fasterai/layers/registry.hpp>
 
 namespace fasterai {
 
@@ -73,7 +74,8 @@ inline LayerKind kind_of(const torch::nn::Module& m) {
   return LayerKind::Other;
 }
 
-// Layers a sparsifier scores and masks.
+// Kinds a sparsifier scores and masks by their own name; other layers qualify by their rule
+// (see is_prunable(const Layer&)).
 constexpr bool is_prunable(LayerKind kind) {
   return kind == LayerKind::Conv2d || kind == LayerKind::Linear;
 }
@@ -85,6 +87,7 @@ struct Layer {
   torch::nn::AnyModule module;          // a Sequential's child (shares the model's layer); empty
                                         // for layers of other modules, which cannot run alone
   std::shared_ptr<torch::nn::Module> handle;  // the model's layer itself
+  const LayerRule* rule = nullptr;            // its layer rule; nullptr: none
 
   // The typed layer, or nullptr when it is not an `Impl`.
   template <class Impl>
@@ -96,19 +99,34 @@ struct Layer {
     torch::nn::AnyModule copy = module;  // a second handle on the same layer
     return copy.forward(x);
   }
-  // The weight of a prunable layer.
-  torch::Tensor& weight() const {
+  // The weight of a prunable layer (a handle on the layer's own tensor): a Conv2d's or Linear's,
+  // or the first tensor of its rule when that tensor's rows are the output channels
+  // (MultiheadAttention's in_proj_weight, a Conv1d's weight).
+  torch::Tensor weight() const {
     if (auto* c = as<torch::nn::Conv2dImpl>()) return c->weight;
     if (auto* l = as<torch::nn::LinearImpl>()) return l->weight;
+    if (rows_are_outputs()) return detail::layer_tensor(*handle, rule->tensors.front().name);
     throw std::logic_error("fasterai: layer '" + name + "' (" + std::string(to_string(kind)) +
                            ") has no prunable weight");
   }
   // The bias of a prunable layer; undefined when the layer has none.
-  torch::Tensor& bias() const {
+  torch::Tensor bias() const {
     if (auto* c = as<torch::nn::Conv2dImpl>()) return c->bias;
     if (auto* l = as<torch::nn::LinearImpl>()) return l->bias;
+    if (rows_are_outputs()) {
+      for (std::size_t i = 1; i < rule->tensors.size(); ++i)
+        if (const auto& t = rule->tensors[i]; t.out_dim == 0 && t.in_dim < 0 && t.decides_zero)
+          return detail::layer_tensor(*handle, t.name);
+      return {};
+    }
     throw std::logic_error("fasterai: layer '" + name + "' (" + std::string(to_string(kind)) +
                            ") has no bias");
+  }
+  // A layer of another kind that makes channels from the channels it reads, one weight row per
+  // output channel.
+  bool rows_are_outputs() const {
+    return rule != nullptr && rule->role == LayerRole::Producer && !rule->tensors.empty() &&
+           rule->tensors.front().out_dim == 0 && rule->tensors.front().in_dim == 1;
   }
 };
 
@@ -138,7 +156,7 @@ inline void collect_layers(const torch::nn::SequentialImpl& seq, const std::stri
     if (const auto* nested = any.ptr()->as<torch::nn::SequentialImpl>()) {
       collect_layers(*nested, name, out);
     } else {
-      out.push_back(Layer{std::move(name), kind_of(*any.ptr()), any, any.ptr()});
+      out.push_back(Layer{std::move(name), kind_of(*any.ptr()), any, any.ptr(), rule_of(*any.ptr())});
     }
   });
 }
@@ -152,9 +170,11 @@ LayerView layers(const Model& model) {
   if constexpr (sequential_like<Model>) {
     detail::collect_layers(detail::impl(model), "", *out);
   } else {
+    // Leaves, and modules with a layer rule that hold children (MultiheadAttention and its
+    // out_proj).
     for (const auto& item : detail::impl(model).named_modules("", /*include_self=*/false))
-      if (item.value()->children().empty())
-        out->push_back(Layer{item.key(), kind_of(*item.value()), {}, item.value()});
+      if (const LayerRule* rule = rule_of(*item.value()); item.value()->children().empty() || rule)
+        out->push_back(Layer{item.key(), kind_of(*item.value()), {}, item.value(), rule});
   }
   return LayerView(std::move(out));
 }
@@ -165,10 +185,14 @@ auto layers(const Model& model, LayerKind kind) {
   return layers(model) | ranges::views::filter([kind](const Layer& l) { return l.kind == kind; });
 }
 
-// The layers a sparsifier can score and mask (Conv2d and Linear).
+// Whether a sparsifier can score and mask the layer: a Conv2d, a Linear, or a layer whose rule
+// says its weight's rows are its output channels.
+inline bool is_prunable(const Layer& l) { return is_prunable(l.kind) || l.rows_are_outputs(); }
+
+// The layers a sparsifier can score and mask.
 template <module Model>
 auto prunable_layers(const Model& model) {
-  return layers(model) | ranges::views::filter([](const Layer& l) { return is_prunable(l.kind); });
+  return layers(model) | ranges::views::filter([](const Layer& l) { return is_prunable(l); });
 }
 
 }  // namespace fasterai

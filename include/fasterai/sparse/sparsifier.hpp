@@ -74,7 +74,8 @@ struct SparsifierOptions {
   /* implicit */ SparsifierOptions(double target = 0.0) : target_(target) {}
   TORCH_ARG(double, target);                         // s_f, percent, where schedules lead
   TORCH_ARG(double, start) = 0.0;                    // s_i, percent, where schedules start
-  TORCH_ARG(bool, include_linear) = false;           // Conv2d only by default (the article)
+  TORCH_ARG(bool, include_linear) = false;           // Conv2d only by default (the article); with it
+                                                     // Linears and MultiheadAttention's projection
   TORCH_ARG(std::vector<std::string>, include) = {}; // only these layers (state_dict names)
   TORCH_ARG(std::vector<std::string>, exclude) = {}; // never these layers
   TORCH_ARG(LayerTargets, layer_targets) = {};       // per-layer targets (Local method only)
@@ -271,12 +272,12 @@ class Sparsifier final : public SparsifierInterface {
     auto names_of = [&] {
       std::string s;
       for (const Layer& l : all)
-        if (is_prunable(l.kind)) s.append(s.empty() ? "" : ", ").append(l.name);
-      return detail::concat("the name of a Conv2d or Linear layer (", s, ")");
+        if (is_prunable(l)) s.append(s.empty() ? "" : ", ").append(l.name);
+      return detail::concat("the name of a prunable layer (", s, ")");
     };
     auto find_prunable = [&](const std::string& name) {
       return std::find_if(all.begin(), all.end(),
-                          [&](const Layer& l) { return l.name == name && is_prunable(l.kind); });
+                          [&](const Layer& l) { return l.name == name && is_prunable(l); });
     };
     for (const auto& n : options_.include())
       detail::check_argument(find_prunable(n) != all.end(), ctor, "include", n, names_of());
@@ -297,9 +298,11 @@ class Sparsifier final : public SparsifierInterface {
     std::vector<Target> selected;
     for (auto it = all.begin(); it != all.end(); ++it) {
       const Layer& l = *it;
-      if (!is_prunable(l.kind)) continue;
+      if (!is_prunable(l)) continue;
+      // By default Conv2d; with include_linear also the layers whose weight is a matrix (Linear,
+      // MultiheadAttention's projection); others (Conv1d, ...) when named in include.
       const bool wanted = options_.include().empty()
-                              ? (l.kind == LayerKind::Conv2d || options_.include_linear())
+                              ? (l.kind == LayerKind::Conv2d || (options_.include_linear() && l.weight().dim() == 2))
                               : contains(options_.include(), l.name);
       if (!wanted || contains(options_.exclude(), l.name)) continue;
       Granularity::check(l.weight(), l.name);
@@ -673,7 +676,7 @@ class Sparsifier final : public SparsifierInterface {
     torch::NoGradGuard no_grad;
     for (auto& t : targets_) {
       if (!t.keep.defined()) continue;
-      auto& w = t.layer.weight();
+      auto w = t.layer.weight();
       if (t.keep.device() != w.device()) t.move_masks(w.device());
       f(w, t.keep);
     }
