@@ -18,7 +18,7 @@
 //   fasterai_benchmarks --benchmark_filter=Quant
 //
 // int8 static: Conv2d packed for oneDNN and Linear for QNNPACK (quant::QuantEngines' defaults,
-// which measurement chose: see the README), min-max calibration on 2 random batches.
+// which measurement chose: see docs/quantization.md), min-max calibration on 2 random batches.
 //
 // One thread means one thread for BLAS too: Debian's LibTorch runs fp32 Linear layers (and
 // some convolutions) through OpenBLAS, whose own thread pool torch::set_num_threads does not

@@ -1,5 +1,6 @@
-// The README's API tour, compiled and run in CI: every snippet between `// [name]` and
-// `// [end]` appears verbatim in README.md (checked by the `readme_snippets` test).
+// The API tour of docs/guide.md, compiled and run in CI: every snippet between `// [name]` and
+// `// [end]` appears verbatim there or in README.md (checked by the `guide_snippets` and
+// `readme_snippets` tests).
 #include <fasterai/fasterai.hpp>
 
 #include <iostream>

@@ -110,7 +110,7 @@ git ls-files -z --cached --others --exclude-standard |
 
 # OPENBLAS_NUM_THREADS=1: CTest already runs one test per core, and OpenBLAS's own threads on
 # top of LibTorch 2.x's OpenMP pool made LAPACK's SVD (FCDecomposer) many times slower on a busy
-# 2-core machine (see the README, "LibTorch 2.x").
+# 2-core machine (see docs/libtorch2.md, "The slow SVD on 2.6").
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
   CCACHE_DIR=/var/cache/ccache OPENBLAS_NUM_THREADS=1 "$@"; }
 

@@ -1,7 +1,8 @@
 cmake_minimum_required(VERSION 3.21)
-# Every ```cpp block of README.md that follows a `<!-- snippet: NAME -->` line must equal the
-# region between `// [NAME]` and `// [end]` in examples/api_tour.cpp, which CI compiles and
-# runs: the README's API tour cannot drift from code that works. (Plain string searches only:
+# Every ```cpp block of a Markdown page (README.md, docs/guide.md: the README variable) that
+# follows a `<!-- snippet: NAME -->` line must equal the region between `// [NAME]` and
+# `// [end]` in examples/api_tour.cpp, which CI compiles and runs: the API tour cannot drift
+# from code that works. (Plain string searches only:
 # C++ code holds semicolons, which CMake lists would split on.)
 file(READ ${README} readme)
 file(READ ${SOURCE} source)
