@@ -5,8 +5,9 @@
 //
 // "Threads" covers the BLAS too: Debian's LibTorch runs convolutions and Linears through
 // OpenBLAS, whose own thread pool ignores torch::set_num_threads and busy-waits; on a machine
-// where other processes run, ResNet-18 at 64×64 took 830 ms with OpenBLAS's default threads
-// against 143 ms with one. So OpenBLAS's count is set too while timing, when it is loaded.
+// where other processes run, its spinning threads can make a small network several times
+// slower than with one thread (docs/results.md, "OpenBLAS threads"). So OpenBLAS's count is
+// set too while timing, when it is loaded.
 
 #include <dlfcn.h>
 

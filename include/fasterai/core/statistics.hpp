@@ -1,7 +1,7 @@
 #pragma once
 // Model statistics: parameter counts (total and nonzero), per-layer and global sparsity of the
 // prunable layers, multiply-accumulate count for an input shape, and size in bytes. These are
-// the numbers the article reports at each stage of compression.
+// the numbers the fasterai article (2020) reports at each stage of compression.
 
 #include <cstdint>
 #include <iomanip>
@@ -49,7 +49,7 @@ std::int64_t model_size_bytes(const Model& model) {
   return bytes;
 }
 
-// A count with thousands separators, as the article prints it ("134,309,962").
+// A count with thousands separators, as the fasterai article prints it ("134,309,962").
 inline std::string with_thousands(std::int64_t n) {
   const std::string digits = std::to_string(n);
   const size_t sign = n < 0 ? 1 : 0;
@@ -95,7 +95,7 @@ SparsityReport sparsity_report(const Model& model) {
   return report;
 }
 
-// Print a report in the article's style ("Sparsity in Conv2d features.0: 39.06%").
+// Print a report in the fasterai article's style ("Sparsity in Conv2d features.0: 39.06%").
 inline std::ostream& operator<<(std::ostream& os, const SparsityReport& report) {
   const auto flags = os.flags();
   const auto precision = os.precision();

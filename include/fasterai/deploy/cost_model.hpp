@@ -4,7 +4,7 @@
 // from the machine's peak rates, which a small calibration measures.
 //
 //   auto cost = fasterai::cost_model(model, torch::randn({1, 3, 224, 224}));
-//   auto peak = fasterai::measure_peak_rates();            // ~1 s: GEMM, copy, one tiny op
+//   auto peak = fasterai::measure_peak_rates();            // times GEMMs, copies, tiny ops
 //   std::cout << cost << cost.estimate_ms(peak) << " ms\n";
 //
 // Why bytes: MACs alone are the wrong cost where a layer is bound by memory. At batch 1, a
@@ -99,7 +99,7 @@ struct CalibrationOptions {
 };
 
 // The machine's peak rates, measured: the fastest of `runs` GEMMs, large copies and tiny op
-// calls. About a second with the defaults.
+// calls. It runs real work (large GEMMs and copies): measure once and reuse the result.
 inline PeakRates measure_peak_rates(const CalibrationOptions& options = {});
 
 // A table: one row per op with MACs, bytes and, given peak rates, the estimate.

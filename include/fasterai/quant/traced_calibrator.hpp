@@ -24,8 +24,9 @@
 //     channel); InsertQuantDeQuant and Finalize then rewrite the graph into `quantized::`
 //     kernels and pack the weights under the chosen engine. Residual additions become
 //     `quantized::add` / `add_relu` and concatenations `quantized::cat`, so activations stay
-//     int8 across them (an int8 add costs ~0.1 ms where dequantize–add–quantize costs ~12 ms
-//     at 64×56×56, measured in the README); ops without an int8 kernel run in fp32 between a
+//     int8 across them (an int8 add is far cheaper than dequantizing both operands, adding
+//     and quantizing again: measured in docs/quantization.md); ops without an int8 kernel
+//     run in fp32 between a
 //     dequantize and a quantize.
 //
 // What tracing implies (see to_torchscript): the graph is the path the example took, with its

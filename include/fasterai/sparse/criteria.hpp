@@ -1,7 +1,8 @@
 #pragma once
 // Criteria policies: the importance of each weight; the lowest-scoring groups are removed.
 //
-//   L1        |w|                 magnitude; the article's default, needs nothing else
+//   L1        |w|                 magnitude; the default of the fasterai article (2020),
+//                                 needs nothing else
 //   Taylor    (w * dL/dw)^2       first-order estimate of the loss change; needs gradients,
 //                                 so call the sparsifier after backward()
 //   Movement  |w| - |w0|          weights moving toward zero during fine-tuning go first;

@@ -4,12 +4,13 @@
 //
 //   OneShot       f = 1            everything at once (then fine-tune)
 //   Linear        f = p
-//   Cos           f = (1 - cos(pi p)) / 2       starts and ends slowly (the article's run)
+//   Cos           f = (1 - cos(pi p)) / 2       starts and ends slowly (the run of the
+//                                               fasterai article, 2020)
 //   Gradual       f = 1 - (1 - p)^3             Zhu & Gupta's automated gradual pruning:
 //                                               s(p) = s_f + (s_i - s_f)(1 - p)^3
 //   Iterative{n}  f = floor(n p) / n            n equal steps
 //   Constant      keeps the current masks       fine-tuning between iterative rounds
-//                                               (the article's annealing_no)
+//                                               (the fasterai article's annealing_no)
 //
 // Any callable double(double) is a schedule too.
 

@@ -2,7 +2,8 @@
 // Selection of the k lowest scores over several tensors, without sorting.
 //
 // A global threshold over a whole network means selecting among up to ~10^8 values: sorting
-// them (or torch.kthvalue) takes seconds and torch.quantile refuses more than 16M elements.
+// them costs n log n and, as torch.kthvalue, a full copy; torch.quantile refuses more than
+// 16M elements.
 // Floats map to unsigned integers in the same order, so the k-th smallest is found with two
 // histogram passes (radix select on the high, then the low 16 bits): linear time, no copy, no
 // size limit, and the histograms also tell how many values lie below the threshold and how

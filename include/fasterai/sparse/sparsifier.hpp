@@ -1,5 +1,5 @@
 #pragma once
-// fasterai::Sparsifier<Granularity, Method, Criteria, Schedule>: the article's
+// fasterai::Sparsifier<Granularity, Method, Criteria, Schedule>: the fasterai article's (2020)
 // `Sparsifier(granularity, method, criteria)` and its schedules as one class template, usable
 // from any LibTorch training loop.
 //
@@ -74,7 +74,7 @@ struct SparsifierOptions {
   /* implicit */ SparsifierOptions(double target = 0.0) : target_(target) {}
   TORCH_ARG(double, target);                         // s_f, percent, where schedules lead
   TORCH_ARG(double, start) = 0.0;                    // s_i, percent, where schedules start
-  TORCH_ARG(bool, include_linear) = false;           // Conv2d only by default (the article); with it
+  TORCH_ARG(bool, include_linear) = false;           // Conv2d only by default (the fasterai article); with it
                                                      // Linears and MultiheadAttention's projection
   TORCH_ARG(std::vector<std::string>, include) = {}; // only these layers (state_dict names)
   TORCH_ARG(std::vector<std::string>, exclude) = {}; // never these layers
@@ -216,7 +216,7 @@ class Sparsifier final : public SparsifierInterface {
     torch::Tensor channels;           // bool [out]: whole pruned channels (Filter)
     std::int64_t groups_pruned = -1;  // count in force; -1 = no mask yet
     // The mask as 1/0 multipliers in the weight's dtype, derived from the one above: on CPU
-    // a same-dtype multiply is ~50x faster than masked_fill_, and this runs every step.
+    // a same-dtype multiply is much cheaper than masked_fill_, and this runs every step.
     torch::Tensor keep;
     torch::Tensor units;              // Filter: long [out], the graph unit of each output channel
 
@@ -703,7 +703,7 @@ class Sparsifier final : public SparsifierInterface {
 };
 
 // Friendly names for the common combinations.
-// The article's structured run: whole filters, each layer on its own, by magnitude.
+// The fasterai article's structured run: whole filters, each layer on its own, by magnitude.
 template <schedule_policy S = schedule::OneShot>
 using FilterSparsifier = Sparsifier<granularity::Filter, method::Local, criteria::L1, S>;
 // Zhu & Gupta's gradual magnitude pruning: single weights, one global threshold.

@@ -8,7 +8,7 @@
 // with the KL divergence summed over classes and averaged over the batch. The T² keeps the
 // soft term's gradients at the scale of the hard term's as T changes.
 //
-// With a Learner (the article's `KnowledgeDistillation(student, teacher)`):
+// With a Learner (the fasterai article's `KnowledgeDistillation(student, teacher)`, 2020):
 //   fasterai::KnowledgeDistillation kd(teacher, /*temperature=*/3.0, /*alpha=*/0.5);
 //   student.fit_one_cycle(10, 1e-3, {kd});
 // The callback replaces the loss in after_loss, in training and validation alike (so the

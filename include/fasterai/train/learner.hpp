@@ -2,7 +2,7 @@
 // fasterai::Learner: fastai's Learner for LibTorch — a model, its training and validation
 // batches, a loss, an optimizer and metrics, trained by `fit` (constant learning rate) or
 // `fit_one_cycle`, with callbacks joining the loop at fastai's points. After each epoch it
-// prints a row of the table the article shows:
+// prints a row of the table the fasterai article (2020) shows:
 //
 //   epoch  train_loss  valid_loss  accuracy  time
 //   0      0.412108    0.348871    0.873100  00:52

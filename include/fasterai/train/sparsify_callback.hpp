@@ -1,10 +1,10 @@
 #pragma once
-// SparsifyCallback: sparsify a network while it trains (the article's SparsifyCallback, and
-// the Automated Gradual Pruning of Zhu & Gupta when the sparsifier's schedule is Gradual). At
-// each training batch the sparsifier's schedule is advanced to the fraction of the span done,
+// SparsifyCallback: sparsify a network while it trains (the fasterai article's SparsifyCallback,
+// and the Automated Gradual Pruning of Zhu & Gupta when the sparsifier's schedule is Gradual).
+// At each training batch the sparsifier's schedule is advanced to the fraction of the span done,
 // the pruned weights' gradients are zeroed before the optimizer step and the masks re-applied
 // after it, so that momentum, Adam's running averages and weight decay cannot revive a pruned
-// weight. Reports go where the article shows them:
+// weight. Reports go where the fasterai article (2020) shows them:
 //
 //   Pruning of Weight/Local/L1/Gradual until a sparsity of 50%
 //   epoch  train_loss  valid_loss  accuracy  time

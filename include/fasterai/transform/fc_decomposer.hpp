@@ -18,8 +18,9 @@
 //
 // The pair is a NamedSequential under the original layer's name, so its parameters are named
 // `classifier.0.0.weight` and `classifier.0.1.weight` / `classifier.0.1.bias`. `preview` gives
-// the ranks and parameter counts without computing any SVD (VGG16's 4096×15092 layer takes
-// about half a minute on two cores with OpenBLAS, many minutes with the reference LAPACK).
+// the ranks and parameter counts without computing any SVD (the expensive step: an SVD in
+// double costs m·n·min(m, n) for an m×n layer such as VGG16's 4096×15092, and is far slower
+// with the reference LAPACK than with OpenBLAS).
 
 #include <algorithm>
 #include <cmath>
