@@ -8,9 +8,11 @@
 #              its own translation unit too, and run the whole CTest suite.
 #   --ci       CI's LibTorch 2.x leg (it has to fit beside the 1.13 suite in CI's time): build
 #              every public header in its own translation unit (each area's code compiles
-#              against 2.6) and the tests of core, graph, layers, dist, deploy and quant, and run
-#              them: the version header, tracing on 2.6's autograd graph (transformers' permutes,
-#              token Linears, layer rules), the two-process data-parallel tests on 2.6's c10d,
+#              against 2.6) and the tests of core, graph, layers, dist, deploy and quant, the
+#              transformer tests and the ViT and ConvNeXt zoo tests, and run them: the version
+#              header, tracing on 2.6's autograd graph (permutes, token Linears, attention heads
+#              through 2.6's matmul, layer rules; ViT-B/16 and ConvNeXt-Tiny against PyTorch 2.6 and
+#              torchvision 0.21), the two-process data-parallel tests on 2.6's c10d,
 #              TorchScript export and optimize_for_inference (2.6's oneDNN graphs and CPU
 #              fuser), and int8 quantization, the traced path included (2.6's JIT passes).
 # Environment:
@@ -36,8 +38,9 @@ source_dir=/work/fasterai   # inside the root
 build_dir=/work/build       # inside the root, outside the copy: kept between runs
 
 # What --ci builds and runs.
-ci_targets=(fasterai_header_check test_core test_graph test_layers test_dist test_deploy test_quant)
-ci_tests='^(core|graph|layers|dist|deploy|quant)/'
+ci_targets=(fasterai_header_check test_core test_graph test_layers test_dist test_deploy test_quant test_models
+            test_transform)
+ci_tests='^(core|graph|layers|dist|deploy|quant)/|^models/(ViT|ConvNeXt)|^transform/transformers'
 
 step_start=$SECONDS
 step() {  # step NAME: report the time the previous step took, then announce NAME
