@@ -1,7 +1,11 @@
 // A small Vision Transformer on Fashion-MNIST, compressed end to end: models::vit with patches
 // of 7x7 (16 tokens and a class token), trained with fit_one_cycle, then fine-tuned while
 // SparsifyCallback removes MLP units gradually (Filter/Local/L1 over the traced graph: each
-// block's MLP hidden units are one coupled group), then the zero units are removed in place.
+// block's MLP hidden units are one coupled group), then the zero units are removed in place
+// (exact). Then the heads: LibTorch's MultiheadAttention ties them to the hidden size, so half
+// the heads go with their hidden channels, scored over every layer that writes the hidden
+// stream, zeroed while fine-tuning and removed with approximate pruning (the LayerNorms then
+// normalise over fewer channels), and one more epoch of fine-tuning recovers what that cost.
 // For each stage: test accuracy, parameters, MACs, latency (1 thread, batch 1, median of
 // interleaved rounds).
 //
@@ -21,7 +25,7 @@ using fasterai::models::VisionTransformer;
 int main(int argc, char** argv) try {
   using namespace fasterai;
   example::CompressionRun run{.epochs = 4, .finetune = 2, .lr = 2e-3};
-  example::Cli cli("train_vit", "Train a small ViT, remove half of its MLP units while fine-tuning.");
+  example::Cli cli("train_vit", "Train a small ViT, remove half of its MLP units, then half of its heads, while fine-tuning.");
   run.parse(cli, argc, argv, "each block's MLP units");
   torch::manual_seed(static_cast<std::int64_t>(run.seed));
   const auto vit_options =
@@ -53,11 +57,36 @@ int main(int argc, char** argv) try {
   record("sparsified (masked)");
 
   const PruneReport pruned = Pruner().prune_(model, example_input);
-  record("pruned in place");
+  record("MLP units pruned");
+
+  // Every layer that writes the hidden stream: the patch convolution, the attentions' input
+  // projections (their heads are tied to the stream) and output projections, the MLPs' second
+  // Linears. Local: half of the stream's units, each a head's block of channels.
+  std::vector<std::string> stream{"conv_proj"};
+  for (std::int64_t i = 0; i < vit_options.num_layers(); ++i) {
+    const auto block = "encoder.layers.encoder_layer_" + std::to_string(i);
+    for (const auto* layer : {".self_attention", ".self_attention.out_proj", ".mlp.3"}) stream.push_back(block + layer);
+  }
+  Sparsifier<granularity::Filter, method::Local, criteria::L1, schedule::Gradual> heads(
+      model, example_input, SparsifierOptions(run.sparsity).include(stream).approximate(true));
+  SparsifyCallback sparsify_heads(heads, SparsifyCallbackOptions().end(0.5));
+  std::cout << "\nFine-tuning " << run.finetune << " epochs while zeroing " << run.sparsity
+            << "% of the heads with their hidden channels (approximate)\n";
+  learn.fit(run.finetune, run.lr / 5, {sparsify_heads});
+  record("heads sparsified");
+  const PruneReport approximate = Pruner(PrunerOptions().approximate(true)).prune_(model, example_input);
+  record("heads pruned (approx.)");
+  std::cout << "\nFine-tuning 1 epoch after pruning\n";
+  learn.fit(1, run.lr / 10);
+  record("+ 1 epoch fine-tuning");
+  const auto& attention = model->encoder->layers[0]->as<models::EncoderBlockImpl>()->self_attention;
 
   example::time_and_print(rows, example_input, run.rounds);
   std::cout << "\n" << pruned.channels_removed() << " MLP units removed (" << (pruned.exact() ? "exact" : "approximate")
-            << "); latency: median of " << run.rounds << " interleaved rounds of 20 runs, spread = max - min of the rounds\n";
+            << "); then heads: " << attention->options.num_heads() << " of " << vit_options.num_heads()
+            << " left, hidden size " << attention->options.embed_dim() << " (" << approximate.approximate.size()
+            << " LayerNorms normalise over fewer channels); latency: median of " << run.rounds
+            << " interleaved rounds of 20 runs, spread = max - min of the rounds\n";
   return 0;
 } catch (const example::usage_error& e) {
   std::cerr << "train_vit: " << e.what() << "\n";
