@@ -8,6 +8,25 @@
 //   Movement  |w| - |w0|          weights moving toward zero during fine-tuning go first;
 //                                 w0 is recorded when the sparsifier is created
 //   Random    uniform, seeded     a baseline: any criterion worth using must beat it
+//
+// From the structural-pruning literature; each scores the groups of the granularity it is
+// given (the same as the sparsifier's), because its score is a function of the whole group:
+//   L2<G>     ‖group‖₂            the norm of each filter (kernel, row, ...); |w| for Weight
+//   LAMP<G>   ‖g‖² / Σ_{‖h‖≥‖g‖} ‖h‖²   Lee et al. 2021, "Layer-adaptive sparsity for the
+//                                 magnitude-based pruning": the squared norm divided by the sum
+//                                 of the squared norms of the layer's groups at least as large,
+//                                 so scores lie in (0, 1], each layer's largest group scores 1,
+//                                 and one Global threshold compares layers fairly
+//   FPGM      Σ_j ‖f − f_j‖₂      He et al. 2019, "Filter pruning via geometric median": a
+//                                 filter's summed distance to the other filters of its layer;
+//                                 filters near the geometric median are replaceable by the
+//                                 others and go first, whatever their norm. Defined for filters
+//                                 (output channels; a Linear's rows): use it with Filter
+//
+// A criterion returns one score per weight and the granularity sums them over each group; these
+// three spread a group's score evenly over the group's weights, so the granularity's sum is the
+// group's score (up to float rounding). With Filter granularity on a model with coupled channels
+// a unit's score is the sum over the layers that make it, as for every criterion.
 
 #include <cstdint>
 #include <random>
@@ -15,6 +34,8 @@
 #include <vector>
 
 #include <torch/torch.h>
+
+#include <fasterai/sparse/granularity.hpp>
 
 namespace fasterai::criteria {
 
@@ -64,6 +85,83 @@ struct Random {
   static torch::Tensor score(const torch::Tensor&, const torch::Tensor&,
                              const torch::Tensor& drawn) {
     return drawn;
+  }
+};
+
+namespace detail {
+
+// The sums of x over each group of G: the structured granularities (Weight, Vector, Kernel,
+// Filter) say which dimensions a group spans; any other (N:M, a user's) scores single weights.
+template <class G>
+torch::Tensor group_sums(const torch::Tensor& x) {
+  if constexpr (requires { G::reduced_dims(); })
+    return granularity::detail::sum_over(x, G::reduced_dims());
+  else
+    return x;
+}
+
+// A score per group, shaped to broadcast over the weight -> a score per weight whose sum over
+// each group is the group's score.
+inline torch::Tensor spread(const torch::Tensor& group_scores, const torch::Tensor& w) {
+  if (group_scores.numel() == w.numel()) return group_scores.reshape(w.sizes()).to(torch::kFloat32);
+  const double members = double(w.numel()) / double(group_scores.numel());
+  return (group_scores / members).to(torch::kFloat32).expand(w.sizes()).contiguous();
+}
+
+// LAMP over a set of squared norms: each divided by the sum of those at least as large (ties
+// count on both sides, so equal norms get equal scores); 0 where that sum is 0.
+inline torch::Tensor lamp_of_squares(const torch::Tensor& squares) {
+  const auto flat = squares.reshape({-1}).to(torch::kFloat64);
+  const auto ascending = std::get<0>(flat.sort());
+  // at_least[i] = sum of ascending[i:]
+  const auto at_least = ascending.flip({0}).cumsum(0).flip({0});
+  const auto first = torch::searchsorted(ascending, flat);  // first position >= each value
+  const auto denominator = at_least.index_select(0, first);
+  const auto scores = torch::where(denominator > 0, flat / denominator, torch::zeros_like(flat));
+  return scores.reshape(squares.sizes());
+}
+
+}  // namespace detail
+
+// The L2 norm of each group of granularity G (pass the sparsifier's own).
+template <class G>
+struct L2 {
+  static constexpr std::string_view name() { return "L2"; }
+  static constexpr bool needs_gradients = false;
+  static torch::Tensor init(const torch::Tensor&, std::uint64_t) { return {}; }
+  static torch::Tensor score(const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&) {
+    const auto squares = detail::group_sums<G>(w.to(torch::kFloat64).square());
+    if (squares.numel() == w.numel()) return w.abs().to(torch::kFloat32);  // single weights: |w|
+    return detail::spread(squares.sqrt(), w);
+  }
+};
+
+// Layer-adaptive magnitude (Lee et al. 2021) of each group of granularity G within its layer.
+// Meant for the Global method: Local with LAMP selects what L2 selects, LAMP being monotone in
+// the norm within a layer.
+template <class G>
+struct LAMP {
+  static constexpr std::string_view name() { return "LAMP"; }
+  static constexpr bool needs_gradients = false;
+  static torch::Tensor init(const torch::Tensor&, std::uint64_t) { return {}; }
+  static torch::Tensor score(const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&) {
+    return detail::spread(detail::lamp_of_squares(detail::group_sums<G>(w.to(torch::kFloat64).square())), w);
+  }
+};
+
+// Geometric-median redundancy (He et al. 2019) of each output channel: the sum of its Euclidean
+// distances to the layer's other output channels. Costs n² · (weights per filter) per layer.
+struct FPGM {
+  static constexpr std::string_view name() { return "FPGM"; }
+  static constexpr bool needs_gradients = false;
+  static torch::Tensor init(const torch::Tensor&, std::uint64_t) { return {}; }
+  static torch::Tensor score(const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&) {
+    const auto filters = w.to(torch::kFloat64).reshape({w.size(0), -1});
+    // Exact distances (no ‖a‖² + ‖b‖² − 2ab shortcut, whose rounding leaves d(f, f) ≠ 0).
+    const auto distances = torch::cdist(filters, filters, 2.0, /*donot_use_mm_for_euclid_dist=*/2);
+    std::vector<std::int64_t> shape(static_cast<std::size_t>(w.dim()), 1);
+    shape[0] = w.size(0);
+    return detail::spread(distances.sum(1).reshape(shape), w);
   }
 };
 
