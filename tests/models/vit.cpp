@@ -165,6 +165,24 @@ TEST_CASE("ViT: the Sparsifier scores MultiheadAttention's projection; heads and
   y.sum().backward();
 }
 
+TEST_CASE("ViT: naming a layer of the hidden size without approximate is a clear error, the model unchanged",
+          "[zoo][vit][sparsifier][errors]") {
+  torch::manual_seed(6);
+  auto vit = models::vit(small_vit());
+  vit->eval();
+  const auto x = torch::randn({1, 3, 32, 32});
+  const auto before = snapshot(*vit);
+  using Filter = Sparsifier<granularity::Filter, method::Local, criteria::L1>;
+  for (const auto* layer : {"conv_proj", "encoder.layers.encoder_layer_0.self_attention"}) {
+    INFO(layer);
+    CHECK_THROWS_WITH(Filter(vit, x, SparsifierOptions(50).include({layer})),
+                      Catch::Contains("include") && Catch::Contains(layer) && Catch::Contains("approximate(true)"));
+  }
+  CHECK(unchanged(before, *vit));
+  // An MLP's first Linear has exact units: accepted.
+  CHECK_NOTHROW(Filter(vit, x, SparsifierOptions(50).include({"encoder.layers.encoder_layer_0.mlp.0"})));
+}
+
 TEST_CASE("ViT equals torchvision's: names, shapes, state_dicts and logits (Python oracle)", "[zoo][vit][python]") {
   if (std::string(FASTERAI_PYTHON).empty()) {
     FASTERAI_SKIP("python3 with torchvision not found");

@@ -356,6 +356,20 @@ class Sparsifier final : public SparsifierInterface {
       if (!selected)
         for (auto u : group.units) candidate[u] = 0;
     }
+    // A layer named in `include` whose every unit could go only with approximate pruning (the
+    // channels a LayerNorm normalises over): say so rather than select nothing of it.
+    if (!options_.approximate() && !options_.include().empty()) {
+      const std::vector<char> if_approximate = detail::removable_units(g, detail::zero_channels(g, all_zero), true);
+      for (const auto& n : g.nodes()) {
+        if (n.kind != OpKind::Layer || !target_of.count(n.module)) continue;
+        const auto units = g.units_of(n.output);
+        const bool none = std::none_of(units.begin(), units.end(), [&](auto u) { return candidate[u] != 0; });
+        const bool approximate = std::any_of(units.begin(), units.end(), [&](auto u) { return if_approximate[u] != 0; });
+        detail::check_argument(!(none && approximate), where("Sparsifier"), "include", n.module,
+                               "a layer with channels removable exactly; its channels are normalised by a "
+                               "LayerNorm (removing them is approximate): set SparsifierOptions::approximate(true)");
+      }
+    }
     // Candidate units by coupled group, with their positions.
     std::vector<std::int64_t> coupled_of(static_cast<std::size_t>(n_units), -1), position(static_cast<std::size_t>(n_units), -1);
     for (const auto& group : g.groups()) {
