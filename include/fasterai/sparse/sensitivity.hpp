@@ -193,7 +193,7 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
   auto make_options = [&](std::vector<std::string> include) {
     return SparsifierOptions(0).include_linear(options.include_linear()).include(std::move(include)).exclude(options.exclude());
   };
-  auto make_sparsifier = [&](std::vector<std::string> include) {
+  auto sparsifier_for = [&](std::vector<std::string> include) {
     if constexpr (structure_known_statically<Model, Granularity>)
       return Local(model, make_options(std::move(include)));
     else
@@ -202,7 +202,7 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
   };
 
   // The units: the selected layers, or the selected producers of each coupled group.
-  const std::vector<std::string> selected = make_sparsifier(options.include()).layer_names();
+  const std::vector<std::string> selected = sparsifier_for(options.include()).layer_names();
   std::vector<std::vector<std::string>> units;
   if constexpr (Granularity::whole_channel) {
     Graph graph = [&] {
@@ -231,7 +231,7 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
     impl.eval();
     table.baseline = detail::evaluate_metric(impl, valid, options.metric(), where);
     for (const auto& unit : units) {
-      Local sparsifier = make_sparsifier(unit);
+      Local sparsifier = sparsifier_for(unit);
       std::vector<SensitivityRow> rows;
       std::int64_t removed = 0;
       for (double s : options.sparsities()) {
