@@ -34,8 +34,10 @@
 #include <fasterai/sparse/criteria.hpp>
 #include <fasterai/sparse/factory.hpp>
 #include <fasterai/sparse/granularity.hpp>
+#include <fasterai/sparse/lottery_ticket.hpp>
 #include <fasterai/sparse/method.hpp>
 #include <fasterai/sparse/schedule.hpp>
+#include <fasterai/sparse/sensitivity.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/sparse/sparsifier_interface.hpp>
 #include <fasterai/train/callback.hpp>
