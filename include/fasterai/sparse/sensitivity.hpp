@@ -184,11 +184,18 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
                          "a function (pred, target) -> scalar tensor");
 
   auto& impl = detail::impl(model);
+  // The input to trace a model on, when its structure is not known statically.
   torch::Tensor example;
-  valid.for_each([&](const torch::data::Example<>& b) {
-    if (!example.defined()) example = b.data;
-  });
-  detail::check_argument(example.defined(), where, "data", "no batches", "validation batches (at least one)");
+  if constexpr (!structure_known_statically<Model, Granularity>) {
+    valid.for_each([&](const torch::data::Example<>& b) {
+      if (!example.defined()) example = b.data;
+    });
+    detail::check_argument(example.defined(), where, "data", "no batches", "validation batches (at least one)");
+    for (const auto& p : impl.parameters()) {
+      example = example.to(p.device());
+      break;
+    }
+  }
 
   auto make_options = [&](std::vector<std::string> include) {
     return SparsifierOptions(0).include_linear(options.include_linear()).include(std::move(include)).exclude(options.exclude());
@@ -197,8 +204,7 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
     if constexpr (structure_known_statically<Model, Granularity>)
       return Local(model, make_options(std::move(include)));
     else
-      return Local(model, example.to(impl.parameters().empty() ? torch::kCPU : impl.parameters().front().device()),
-                   make_options(std::move(include)));
+      return Local(model, example, make_options(std::move(include)));
   };
 
   // The units: the selected layers, or the selected producers of each coupled group.
@@ -209,7 +215,7 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
       if constexpr (sequential_like<Model>)
         return graph_of(model);
       else
-        return trace(model, example.to(impl.parameters().empty() ? torch::kCPU : impl.parameters().front().device()));
+        return trace(model, example);
     }();
     for (const auto& group : graph.groups()) {
       std::vector<std::string> unit;
