@@ -9,6 +9,7 @@
 
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/graph/trace.hpp>
+#include <fasterai/deploy/load.hpp>
 #include <fasterai/io/state_dict.hpp>
 #include <fasterai/models/vit.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
@@ -163,6 +164,33 @@ TEST_CASE("ViT: the Sparsifier scores MultiheadAttention's projection; heads and
   CHECK(y.sizes() == torch::IntArrayRef({2, 10}));
   CHECK(torch::isfinite(y).all().item<bool>());
   y.sum().backward();
+}
+
+TEST_CASE("ViT: a pruned ViT's state_dict loads into the original architecture with resize", "[zoo][vit][load]") {
+  torch::manual_seed(8);
+  auto vit = models::vit(small_vit().num_heads(4));
+  randomize_zeros(vit);
+  vit->eval();
+  const auto x = torch::randn({2, 3, 32, 32});
+  Sparsifier<granularity::Filter, method::Local, criteria::L1> sparsifier(
+      vit, x, SparsifierOptions(50).include_linear(true).approximate(true));
+  sparsifier.prune(50);
+  Pruner(PrunerOptions().approximate(true)).prune_(vit, x);
+  TempDir dir;
+  save_state_dict(vit, dir.path / "pruned.pt");
+
+  auto fresh = models::vit(small_vit().num_heads(4));  // the original widths: hidden 32, 4 heads
+  fresh->eval();
+  CHECK_THROWS_WITH(load_state_dict(fresh, dir.path / "pruned.pt", LoadOptions()), Catch::Contains("shape mismatch"));
+  load_state_dict(fresh, dir.path / "pruned.pt", LoadOptions().resize(true));
+  CHECK(count_parameters(fresh) == count_parameters(vit));
+  const auto* attention = fresh->encoder->layers[1]->as<models::EncoderBlockImpl>()->self_attention.get();
+  CHECK(attention->options.embed_dim() == 16);
+  CHECK(attention->options.num_heads() == 2);
+  CHECK(fresh->encoder->pos_embedding.sizes() == torch::IntArrayRef({1, 17, 16}));
+  CHECK(fresh->encoder->ln->options.normalized_shape() == std::vector<std::int64_t>{16});
+  torch::NoGradGuard no_grad;
+  CHECK(torch::equal(fresh->forward(x), vit->forward(x)));
 }
 
 TEST_CASE("ViT: naming a layer of the hidden size without approximate is a clear error, the model unchanged",

@@ -1,7 +1,6 @@
 #pragma once
 // Loading a pruned model's weights into a freshly constructed ORIGINAL architecture: with
-// `resize`, every Conv2d, BatchNorm and Linear first takes the shapes the file holds, then the
-// values are loaded.
+// `resize`, every layer first takes the shapes the file holds, then the values are loaded.
 //
 //   auto model = fasterai::models::vgg16_bn(10);                  // the original architecture
 //   fasterai::load_state_dict(model, "pruned.pt", fasterai::LoadOptions().resize(true));
@@ -11,19 +10,20 @@
 // would copy the smaller tensors into the modules and leave their options disagreeing with
 // their weights, to fail at the next forward). With it, a layer's weights, buffers AND options
 // agree afterwards — `in_channels`, `out_channels`, `groups`, `num_features`, `in_features`,
-// `out_features` — so `forward`, `clone()` and printing work. Parameters keep their identity
-// (`set_data`): holders the user kept stay valid; an optimizer built before must be rebuilt.
+// `out_features`, `normalized_shape`, `embed_dim` and `num_heads` — so `forward`, `clone()` and
+// printing work. Parameters keep their identity (`set_data`): holders the user kept stay valid;
+// an optimizer built before must be rebuilt.
 //
-// What can be resized, from the file's weight shape:
-//   Conv2d [out', in'/groups', kh, kw]: the kernel size must be the model's. With groups = 1,
-//     in' = the file's second dimension. A grouped or depthwise conv loses whole groups (as the
-//     Pruner removes them): its per-group input count must stay, and groups' = out'/(out/groups).
-//   BatchNorm1d/2d [n']: weight, bias and running statistics all of length n'.
-//   Linear [out', in'].
-// Anything else whose shapes differ (another layer kind, a bias of the wrong length, a kernel
-// size that changed) is an error naming the module and both shapes. Errors leave the model
-// exactly as it was: everything is planned and checked against the file before the first
-// tensor changes.
+// What can be resized is what the layer rules (layers/) describe, as the Pruner shrinks it: a
+// layer's output count from its tensors' output dimension, its input count from their input
+// dimension, every other dimension kept (a convolution's kernel size must be the model's); a
+// grouped or depthwise conv, or a GroupNorm, loses whole groups (its per-group input count
+// stays); a MultiheadAttention keeps its head dimension (num_heads follows). A parameter of no
+// layer (a ViT's class token, a position embedding, a layer scale) takes the file's shape when
+// its rank is the same. Anything else whose shapes differ (a bias of the wrong length, a kernel
+// size that changed, another rank) is an error naming the module and both shapes. Errors leave
+// the model exactly as it was: everything is planned and checked against the file before the
+// first tensor changes.
 
 #include <cstdint>
 #include <filesystem>
@@ -44,7 +44,8 @@ namespace fasterai {
 
 struct LoadOptions {
   LoadOptions() = default;
-  // Reshape Conv2d/BatchNorm/Linear layers to the file's shapes before loading.
+  // Reshape the layers (every kind with a layer rule) and free tensors to the file's shapes
+  // before loading.
   TORCH_ARG(bool, resize) = false;
   // What reading the file may cost (see io/read_limits.hpp).
   TORCH_ARG(ReadLimits, limits) = ReadLimits();
@@ -64,11 +65,11 @@ namespace detail {
 
 inline constexpr std::string_view resize_where = "fasterai::load_state_dict";
 
-// One layer to be reshaped: its new tensors (uninitialized, the loaded values fill them) and
-// options.
+// One module to be reshaped: its new tensors (uninitialized, the loaded values fill them) and,
+// for a layer, its options.
 struct LayerResize {
-  torch::nn::Module* module = nullptr;
-  std::vector<std::pair<torch::Tensor*, std::vector<std::int64_t>>> tensors;
+  torch::nn::Module* module = nullptr;  // a layer (its rule sets its options); nullptr: free tensors
+  std::vector<std::pair<torch::Tensor, std::vector<std::int64_t>>> tensors;
   std::int64_t out = 0, in = 0, groups = 1;
 };
 
@@ -86,7 +87,7 @@ inline const torch::Tensor* file_tensor(const StateDict& file, const std::string
 // Adds `tensor` (named prefix + field) to the resize when the file's shape is `expected`;
 // otherwise notes the problem.
 inline void plan_tensor(LayerResize& resize, std::ostringstream& problems, const StateDict& file,
-                        const std::string& prefix, const char* field, torch::Tensor& tensor,
+                        const std::string& prefix, const std::string& field, const torch::Tensor& tensor,
                         const std::vector<std::int64_t>& expected) {
   if (!tensor.defined()) return;
   const torch::Tensor* found = file_tensor(file, prefix + field);
@@ -96,7 +97,7 @@ inline void plan_tensor(LayerResize& resize, std::ostringstream& problems, const
              << found->sizes() << ", expected " << shape_text(expected) << " for the resized layer";
     return;
   }
-  resize.tensors.emplace_back(&tensor, expected);
+  resize.tensors.emplace_back(tensor, expected);
 }
 
 inline void unresizable(std::ostringstream& problems, const std::string& name, const std::string& kind,
@@ -106,72 +107,100 @@ inline void unresizable(std::ostringstream& problems, const std::string& name, c
            << model_weight.sizes() << ", file " << file_weight.sizes() << " (" << why << ")";
 }
 
-inline void plan_conv(std::vector<LayerResize>& plan, std::ostringstream& problems,
-                      const StateDict& file, const std::string& name, torch::nn::Conv2dImpl& conv) {
+// A layer's resize, read from the file through its rule: the new output count from a tensor's
+// output dimension, the new input count from a tensor's input dimension; every other dimension
+// stays (a convolution's kernel size). A grouped layer loses whole groups, as the Pruner removes
+// them: its per-group input count stays.
+inline void plan_layer(std::vector<LayerResize>& plan, std::ostringstream& problems, const StateDict& file,
+                       const std::string& name, torch::nn::Module& m, const LayerRule& rule) {
   const std::string prefix = name.empty() ? "" : name + ".";
-  const torch::Tensor* w = file_tensor(file, prefix + "weight");
-  if (w == nullptr || w->sizes() == conv.weight.sizes()) return;
-  if (w->dim() != 4 || w->size(2) != conv.weight.size(2) || w->size(3) != conv.weight.size(3))
-    return unresizable(problems, name, "Conv2d", conv.weight, *w, "a resize keeps the kernel size");
-  LayerResize r{&conv, {}, w->size(0), 0, conv.options.groups()};
-  if (r.groups == 1) {
-    r.in = w->size(1);
-  } else {
-    const std::int64_t out_per_group = conv.options.out_channels() / r.groups;
-    if (w->size(1) != conv.weight.size(1) || w->size(0) % out_per_group != 0)
-      return unresizable(problems, name, "Conv2d", conv.weight, *w,
-                         "a grouped convolution is resized by whole groups: the per-group input "
-                         "count must stay and the output count be a multiple of " +
-                             std::to_string(out_per_group));
-    r.groups = w->size(0) / out_per_group;
-    r.in = r.groups * w->size(1);
+  struct Found {
+    const TensorChannels* channels;
+    torch::Tensor model;
+    const torch::Tensor* file;
+  };
+  std::vector<Found> found;
+  bool differs = false;
+  for (const auto& t : rule.tensors) {
+    torch::Tensor x = layer_tensor(m, t.name);
+    const torch::Tensor* f = x.defined() ? file_tensor(file, prefix + t.name) : nullptr;
+    if (f == nullptr) continue;
+    found.push_back({&t, x, f});
+    differs |= f->sizes() != x.sizes();
   }
-  if (r.out < 1 || r.in < 1)
-    return unresizable(problems, name, "Conv2d", conv.weight, *w, "a layer keeps at least one channel");
-  plan_tensor(r, problems, file, prefix, "weight", conv.weight, w->sizes().vec());
-  plan_tensor(r, problems, file, prefix, "bias", conv.bias, {r.out});
+  if (!differs) return;
+  const Found& first = found.front();
+  const auto groups = groups_of(rule, m);
+  std::int64_t out = -1, in_per_group = -1, out_before = -1;
+  for (const auto& f : found) {
+    if (f.file->dim() != f.model.dim())
+      return unresizable(problems, name, rule.kind, f.model, *f.file, "a resize keeps each tensor's rank");
+    for (std::int64_t d = 0; d < f.model.dim(); ++d)
+      if (d != f.channels->out_dim && d != f.channels->in_dim && f.file->size(d) != f.model.size(d))
+        return unresizable(problems, name, rule.kind, f.model, *f.file,
+                           "a resize changes only the channel dimensions: it keeps the kernel size");
+    if (out < 0 && f.channels->out_dim >= 0)
+      out = f.file->size(f.channels->out_dim), out_before = f.model.size(f.channels->out_dim);
+    if (in_per_group < 0 && f.channels->in_dim >= 0) in_per_group = f.file->size(f.channels->in_dim);
+  }
+  if (out < 1 || (in_per_group == 0))
+    return unresizable(problems, name, rule.kind, first.model, *first.file, "a layer keeps at least one channel");
+  LayerResize r{&m, {}, out, in_per_group, groups};
+  if (groups > 1) {
+    const std::int64_t out_per_group = out_before / groups;
+    const bool per_group_input_stays = std::all_of(found.begin(), found.end(), [](const Found& f) {
+      return f.channels->in_dim < 0 || f.file->size(f.channels->in_dim) == f.model.size(f.channels->in_dim);
+    });
+    if (!per_group_input_stays || out % out_per_group != 0)
+      return unresizable(problems, name, rule.kind, first.model, *first.file,
+                         "a grouped layer is resized by whole groups: the per-group input count must stay and "
+                         "the output count be a multiple of " + std::to_string(out_per_group));
+    r.groups = out / out_per_group;
+    r.in = in_per_group < 0 ? out : r.groups * in_per_group;
+  }
+  if (rule.role != LayerRole::Producer) r.in = out;  // a norm reads what it writes
+  if (r.in < 0) r.in = 0;                             // an Embedding reads indices
+  for (const auto& f : found) {
+    std::vector<std::int64_t> expected = f.model.sizes().vec();
+    if (f.channels->out_dim >= 0) expected[static_cast<std::size_t>(f.channels->out_dim)] = out;
+    if (f.channels->in_dim >= 0 && in_per_group > 0)
+      expected[static_cast<std::size_t>(f.channels->in_dim)] = in_per_group;
+    plan_tensor(r, problems, file, prefix, f.channels->name, f.model, expected);
+  }
   plan.push_back(std::move(r));
 }
 
-inline void plan_linear(std::vector<LayerResize>& plan, std::ostringstream& problems,
-                        const StateDict& file, const std::string& name, torch::nn::LinearImpl& linear) {
+// A module's own parameters and buffers that no rule describes (a ViT's class token and
+// position embedding, a layer scale): each takes the file's shape when it has the same rank —
+// a free tensor has no options to follow.
+inline void plan_free_tensors(std::vector<LayerResize>& plan, std::ostringstream& problems, const StateDict& file,
+                              const std::string& name, torch::nn::Module& m, const LayerRule* rule) {
   const std::string prefix = name.empty() ? "" : name + ".";
-  const torch::Tensor* w = file_tensor(file, prefix + "weight");
-  if (w == nullptr || w->sizes() == linear.weight.sizes()) return;
-  if (w->dim() != 2 || w->size(0) < 1 || w->size(1) < 1)
-    return unresizable(problems, name, "Linear", linear.weight, *w, "a Linear weight is [out, in]");
-  LayerResize r{&linear, {}, w->size(0), w->size(1), 1};
-  plan_tensor(r, problems, file, prefix, "weight", linear.weight, w->sizes().vec());
-  plan_tensor(r, problems, file, prefix, "bias", linear.bias, {r.out});
-  plan.push_back(std::move(r));
-}
-
-template <class BatchNormImpl>
-void plan_batch_norm(std::vector<LayerResize>& plan, std::ostringstream& problems,
-                     const StateDict& file, const std::string& name, BatchNormImpl& bn) {
-  const std::string prefix = name.empty() ? "" : name + ".";
-  // The affine weight, or without it the running mean, says the file's channel count.
-  const char* field = bn.weight.defined() ? "weight" : "running_mean";
-  const torch::Tensor& model_tensor = bn.weight.defined() ? bn.weight : bn.running_mean;
-  if (!model_tensor.defined()) return;  // no affine parameters, no statistics: nothing to size
-  const torch::Tensor* t = file_tensor(file, prefix + field);
-  if (t == nullptr || t->sizes() == model_tensor.sizes()) return;
-  if (t->dim() != 1 || t->size(0) < 1)
-    return unresizable(problems, name, "BatchNorm", model_tensor, *t, "its tensors are [num_features]");
-  LayerResize r{&bn, {}, t->size(0), t->size(0), 1};
-  for (auto [f, tensor] : {std::pair<const char*, torch::Tensor*>{"weight", &bn.weight},
-                           {"bias", &bn.bias},
-                           {"running_mean", &bn.running_mean},
-                           {"running_var", &bn.running_var}})
-    plan_tensor(r, problems, file, prefix, f, *tensor, {r.out});
-  plan.push_back(std::move(r));
+  LayerResize r;
+  auto consider = [&](const std::string& key, const torch::Tensor& x) {
+    if (!x.defined()) return;
+    if (rule)
+      for (const auto& t : rule->tensors)
+        if (t.name == key) return;
+    const torch::Tensor* f = file_tensor(file, prefix + key);
+    if (f == nullptr || f->sizes() == x.sizes()) return;
+    if (f->dim() != x.dim()) {
+      problems << "\n  " << prefix << key << ": model " << x.sizes() << ", file " << f->sizes()
+               << " (a resize keeps a tensor's rank)";
+      return;
+    }
+    r.tensors.emplace_back(x, f->sizes().vec());
+  };
+  for (const auto& p : m.named_parameters(/*recurse=*/false)) consider(p.key(), p.value());
+  for (const auto& b : m.named_buffers(/*recurse=*/false)) consider(b.key(), b.value());
+  if (!r.tensors.empty()) plan.push_back(std::move(r));
 }
 
 inline void apply_resize(const LayerResize& r) {
   std::vector<std::pair<torch::Tensor, torch::Tensor>> fresh;
-  for (const auto& [tensor, shape] : r.tensors) fresh.emplace_back(*tensor, torch::empty(shape, tensor->options()));
+  for (const auto& [tensor, shape] : r.tensors) fresh.emplace_back(tensor, torch::empty(shape, tensor.options()));
   set_tensor_data(fresh);  // the file's values are copied in next
-  set_layer_widths(*r.module, r.out, r.in, r.groups);
+  if (r.module) set_layer_widths(*r.module, r.out, r.in, r.groups);
 }
 
 // Plans the resize of every layer of `model` whose shapes differ from `file`, then checks the
@@ -184,14 +213,9 @@ inline std::vector<LayerResize> plan_resize(torch::nn::Module& model, const Stat
   for (const auto& item : model.named_modules("", /*include_self=*/false))
     modules.emplace_back(item.key(), item.value().get());
   for (const auto& [name, m] : modules) {
-    if (auto* conv = m->as<torch::nn::Conv2dImpl>())
-      plan_conv(plan, problems, file, name, *conv);
-    else if (auto* linear = m->as<torch::nn::LinearImpl>())
-      plan_linear(plan, problems, file, name, *linear);
-    else if (auto* bn2 = m->as<torch::nn::BatchNorm2dImpl>())
-      plan_batch_norm(plan, problems, file, name, *bn2);
-    else if (auto* bn1 = m->as<torch::nn::BatchNorm1dImpl>())
-      plan_batch_norm(plan, problems, file, name, *bn1);
+    const LayerRule* rule = rule_of(*m);
+    if (rule) plan_layer(plan, problems, file, name, *m, *rule);
+    plan_free_tensors(plan, problems, file, name, *m, rule);
   }
   if (!problems.str().empty()) {
     std::ostringstream os;
@@ -203,7 +227,7 @@ inline std::vector<LayerResize> plan_resize(torch::nn::Module& model, const Stat
   // against the file by the loader's own rules: keys, shapes of every other tensor, dtypes.
   std::map<const c10::TensorImpl*, std::vector<std::int64_t>> new_shapes;
   for (const auto& r : plan)
-    for (const auto& [tensor, shape] : r.tensors) new_shapes[tensor->unsafeGetTensorImpl()] = shape;
+    for (const auto& [tensor, shape] : r.tensors) new_shapes[tensor.unsafeGetTensorImpl()] = shape;
   std::vector<std::pair<std::string, torch::Tensor>> future_state;
   for (auto& [name, tensor] : state_of(model)) {
     const auto resized = new_shapes.find(tensor.unsafeGetTensorImpl());
