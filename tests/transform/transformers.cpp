@@ -46,6 +46,29 @@ bool has_mha(const RandomTransformer& net) {
   return false;
 }
 
+// Prunes `net` exactly on `x` and checks what every exact prune leaves: the report exact, the
+// test's own widths (`widths()`), the outputs as they were (relative 1e-5), forward and
+// backward working on the new shapes, and a second prune finding nothing.
+template <class Widths>
+void check_pruned_exactly(RandomTransformer& net, const torch::Tensor& x, Widths&& widths) {
+  torch::Tensor before;
+  {
+    torch::NoGradGuard no_grad;
+    before = net->forward(x);
+  }
+  CHECK(Pruner().prune_(net, x).exact());
+  widths();
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(relative_error(net->forward(x), before) <= 1e-5);
+  }
+  net->zero_grad();
+  net->forward(x).sum().backward();
+  for (const auto& p : net->parameters())
+    if (p.grad().defined()) CHECK(p.grad().sizes() == p.sizes());
+  CHECK_FALSE(Pruner().prune_(net, x).changed());
+}
+
 }  // namespace
 
 TEST_CASE("transformers: zero MLP units and GroupNorm groups are removed exactly over random architectures",
@@ -86,33 +109,17 @@ TEST_CASE("transformers: zero MLP units and GroupNorm groups are removed exactly
         group_norms.emplace_back(stage->gn1, half);
       }
     }
-    const auto x = net->example(3);
-    torch::Tensor before;
-    {
-      torch::NoGradGuard no_grad;
-      before = net->forward(x);
-    }
-    const PruneReport report = Pruner().prune_(net, x);
-    CHECK(report.exact());
-    for (const auto& [fc1, width] : mlps) {
-      CHECK(fc1->weight.size(0) == width);
-      CHECK(fc1->options.out_features() == width);
-    }
-    for (const auto& [gn, channels] : group_norms) {
-      CHECK(gn->options.num_channels() == channels);
-      CHECK(gn->options.num_groups() == 1);
-      CHECK(gn->weight.size(0) == channels);
-    }
-    {
-      torch::NoGradGuard no_grad;
-      CHECK(relative_error(net->forward(x), before) <= 1e-5);
-    }
-    // Forward and backward after pruning; pruning again finds nothing.
-    net->zero_grad();
-    net->forward(x).sum().backward();
-    for (const auto& p : net->parameters())
-      if (p.grad().defined()) CHECK(p.grad().sizes() == p.sizes());
-    CHECK_FALSE(Pruner().prune_(net, x).changed());
+    check_pruned_exactly(net, net->example(3), [&] {
+      for (const auto& [fc1, width] : mlps) {
+        CHECK(fc1->weight.size(0) == width);
+        CHECK(fc1->options.out_features() == width);
+      }
+      for (const auto& [gn, channels] : group_norms) {
+        CHECK(gn->options.num_channels() == channels);
+        CHECK(gn->options.num_groups() == 1);
+        CHECK(gn->weight.size(0) == channels);
+      }
+    });
   }
   // The draw covers every family.
   CHECK(vision >= 5);
@@ -198,35 +205,20 @@ TEST_CASE("transformers: whole heads of attention written with Linears are remov
     ++tried;
     net->eval();
     INFO("case " << k << ": " << net->description);
-    const auto x = net->example(3);
-    torch::Tensor before;
-    {
-      torch::NoGradGuard no_grad;
-      before = net->forward(x);
-    }
-    const PruneReport report = Pruner().prune_(net, x);
-    CHECK(report.exact());
-    for (const auto& [a, heads] : attentions) {
-      CHECK(a->heads() == heads);
-      const auto inner = heads * a->head_dim;
-      CHECK(a->out->options.in_features() == inner);
-      if (a->qkv) {
-        CHECK(a->qkv->weight.size(0) == 3 * inner);
-      } else {
-        CHECK(a->q->weight.size(0) == inner);
-        CHECK(a->k->weight.size(0) == inner);
-        CHECK(a->v->options.out_features() == inner);
+    check_pruned_exactly(net, net->example(3), [&] {
+      for (const auto& [a, heads] : attentions) {
+        CHECK(a->heads() == heads);
+        const auto inner = heads * a->head_dim;
+        CHECK(a->out->options.in_features() == inner);
+        if (a->qkv) {
+          CHECK(a->qkv->weight.size(0) == 3 * inner);
+        } else {
+          CHECK(a->q->weight.size(0) == inner);
+          CHECK(a->k->weight.size(0) == inner);
+          CHECK(a->v->options.out_features() == inner);
+        }
       }
-    }
-    {
-      torch::NoGradGuard no_grad;
-      CHECK(relative_error(net->forward(x), before) <= 1e-5);
-    }
-    net->zero_grad();
-    net->forward(x).sum().backward();
-    for (const auto& p : net->parameters())
-      if (p.grad().defined()) CHECK(p.grad().sizes() == p.sizes());
-    CHECK_FALSE(Pruner().prune_(net, x).changed());
+    });
   }
   CHECK(tried == 25);
   CHECK(fused >= 5);
