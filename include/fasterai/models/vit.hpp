@@ -14,8 +14,8 @@
 //
 // Through the traced graph, each block's MLP hidden units (mlp.0's outputs, read by mlp.3
 // through GELU) are removed exactly; the hidden size, which every LayerNorm normalises over, only
-// with approximate pruning; LibTorch's MultiheadAttention has no layer rule yet, so its
-// projections are kept (a barrier in the report).
+// with approximate pruning, and with it whole heads: LibTorch's MultiheadAttention ties its
+// heads to the width it reads, so half the hidden size is half the heads (num_heads follows).
 
 #include <cmath>
 #include <cstdint>
