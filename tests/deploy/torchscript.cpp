@@ -88,10 +88,10 @@ std::vector<std::string> names_of(const torch::OrderedDict<std::string, torch::T
 
 }  // namespace
 
-static_assert(traceable_module<torch::nn::Sequential>);
-static_assert(traceable_module<ResidualNet>);
-static_assert(traceable_module<ResidualNetImpl>);
-static_assert(!traceable_module<PairOut>, "a forward returning a tuple is not exportable");
+static_assert(traceable<torch::nn::Sequential>);
+static_assert(traceable<ResidualNet>);
+static_assert(traceable<ResidualNetImpl>);
+static_assert(!traceable<PairOut>, "a forward returning a tuple is not exportable");
 
 TEST_CASE("to_torchscript records a Sequential and a user's module, reading the model's own tensors",
           "[torchscript]") {

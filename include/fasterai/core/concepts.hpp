@@ -32,6 +32,14 @@ using impl_of_t = typename detail::impl_of<std::remove_cvref_t<M>>::type;
 template <class M>
 concept module = std::derived_from<impl_of_t<M>, torch::nn::Module>;
 
+// A module whose forward takes one tensor and returns one tensor: what can be traced, exported
+// and trained. (A Sequential qualifies; its last layer must return a tensor, which is checked
+// at run time.)
+template <class M>
+concept traceable = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
+  { m.forward(x) } -> std::convertible_to<torch::Tensor>;
+};
+
 template <class M>
 concept convolution =
     module<M> && (std::derived_from<impl_of_t<M>, torch::nn::Conv1dImpl> ||

@@ -87,7 +87,7 @@ struct CostReport {
 // The ops of one forward of `model` on `example_input` (in eval mode; the model's mode is
 // restored), with their MACs and bytes. Errors of the trace (fasterai::argument_error) pass
 // through.
-template <traceable_module Model>
+template <traceable Model>
 CostReport cost_model(Model& model, const torch::Tensor& example_input);
 
 struct CalibrationOptions {
@@ -147,7 +147,7 @@ inline std::int64_t size_product(const std::vector<std::int64_t>& v, std::size_t
 
 }  // namespace detail
 
-template <traceable_module Model>
+template <traceable Model>
 CostReport cost_model(Model& model, const torch::Tensor& example_input) {
   auto& m = detail::impl(model);
   torch::jit::Module traced;

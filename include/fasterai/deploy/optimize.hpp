@@ -15,16 +15,36 @@
 // Python's equivalent is torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
 // model.eval(), x))), called under torch.inference_mode(). The result works for inputs of the example's shape; other shapes may run
 // slower or, where the trace captured a shape, fail.
+//
+// Never slower than eager: then, by default, the result times itself against the model's own
+// forward on the example — an eval-mode copy of the model (BatchNorms folded for Sequential-like
+// models, as step 2 does), interleaved rounds of a few runs each after warm-up, medians at the
+// current thread count — and keeps the faster; report() says which path it runs and both
+// medians. Step 5 does not pay on every model: oneDNN reorders activations into its blocked
+// layouts and back around every convolution it runs, a fixed cost per layer that a small network,
+// or one whose pruned widths are not multiples of oneDNN's blocks of 8 or 16 channels, does not
+// earn back, while on a large unpruned one the prepacked convolutions win (docs/results.md,
+// "Deployment latency"). Whether it pays depends on the machine and the load too, so it is
+// measured where the model is optimized rather than predicted. A module that is not a
+// torch::nn::Cloneable cannot be copied for the eager path; its measurement is against the
+// frozen module before step 5. OptimizeOptions().choose_by_measurement(false).path(...) forces
+// a path (reproducible results, tests).
 
+#include <algorithm>
 #include <filesystem>
+#include <functional>
+#include <memory>
+#include <ostream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <torch/csrc/jit/api/module.h>
 #include <torch/torch.h>
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
+#include <fasterai/core/latency.hpp>
 #include <fasterai/core/libtorch_version.hpp>
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/deploy/torchscript.hpp>
@@ -32,11 +52,39 @@
 
 namespace fasterai {
 
+// What an InferenceModel's forward runs.
+enum class InferencePath {
+  optimized,  // the TorchScript module of the steps asked for (all five by default)
+  eager,      // an eval-mode copy of the model, its forward in C++ (BatchNorms folded by step 2)
+  frozen,     // the TorchScript module before step 5 (the measured alternative for modules
+              // that cannot be copied)
+};
+
+inline const char* to_string(InferencePath path) {
+  switch (path) {
+    case InferencePath::optimized: return "optimized";
+    case InferencePath::eager: return "eager";
+    case InferencePath::frozen: return "frozen";
+  }
+  return "?";
+}
+inline std::ostream& operator<<(std::ostream& out, InferencePath path) { return out << to_string(path); }
+
 struct OptimizeOptions {
   OptimizeOptions() = default;
   TORCH_ARG(bool, fold_batch_norm) = true;  // step 2 (Sequential-like models)
   TORCH_ARG(bool, freeze) = true;           // step 4
   TORCH_ARG(bool, optimize) = true;         // step 5 (implies freezing)
+  // Time the optimized module against the eager copy (or the frozen module) on the example and
+  // keep the faster (see the banner). Off: `path` runs, unmeasured.
+  TORCH_ARG(bool, choose_by_measurement) = true;
+  // The path forced when choose_by_measurement is off: optimized or eager.
+  TORCH_ARG(InferencePath, path) = InferencePath::optimized;
+  // The measurement: `rounds` interleaved rounds (the two paths alternate which goes first), each
+  // one warm-up call then the median of `runs` timed calls per path; the paths' medians over
+  // the rounds are compared. 5 × (1 + 3) forwards per path by default.
+  TORCH_ARG(int, rounds) = 5;
+  TORCH_ARG(int, runs) = 3;
 };
 
 // What optimize_for_inference did.
@@ -45,42 +93,80 @@ struct OptimizeReport {
   std::size_t batch_norms_folded = 0;   // by step 2
   bool frozen = false;
   bool optimized = false;
+  InferencePath path = InferencePath::optimized;  // what forward runs
+  // Set when the paths were timed: the optimized module's median and the alternative's
+  // (eager or frozen), in ms, at `threads` intra-op threads. Otherwise both 0.
+  bool measured = false;
+  InferencePath alternative = InferencePath::eager;
+  double optimized_ms = 0;
+  double alternative_ms = 0;
+  int threads = 0;
 };
+
+// "optimized (measured: optimized 0.41 ms, eager 0.38 ms at 1 thread)", or "eager (forced)".
+inline std::ostream& operator<<(std::ostream& out, const OptimizeReport& r) {
+  out << r.path;
+  if (!r.measured) return out << " (not measured)";
+  return out << " (measured: optimized " << r.optimized_ms << " ms, " << r.alternative << " "
+             << r.alternative_ms << " ms at " << r.threads << (r.threads == 1 ? " thread)" : " threads)");
+}
 
 // A TorchScript module behind a module interface: `forward(x)` runs it, so the latency harness
 // and user code call it like the model it came from. It has no parameters of its own (a frozen
-// module's weights are constants of its graph): take statistics from the source model.
+// module's weights are constants of its graph; an eager copy, when that path won, is held but
+// not registered): take statistics from the source model.
 class InferenceModelImpl : public torch::nn::Module {
  public:
-  InferenceModelImpl(torch::jit::Module module, torch::jit::Module portable, OptimizeReport report)
+  using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
+
+  // `eager`: the eager copy's forward, needed when report.path is eager.
+  InferenceModelImpl(torch::jit::Module module, torch::jit::Module portable, OptimizeReport report,
+                     Forward eager = {})
       : torch::nn::Module("fasterai::InferenceModel"),
         module_(std::move(module)),
         portable_(std::move(portable)),
-        report_(report) {}
+        eager_(std::move(eager)),
+        report_(report) {
+    detail::check_argument(report_.path != InferencePath::eager || eager_, "fasterai::InferenceModel",
+                           "eager", "an empty function", "the eager copy's forward when the path is eager");
+  }
 
   // Runs under libtorch::InferenceGuard (c10::InferenceMode, no TensorExpr fuser): the result is
   // an inference tensor (no autograd; clone() it to change it in place). Without the guard, a
   // LibTorch built with Vulkan kernels (Debian 13's 2.6) asserts in aten::max_pool2d on the
   // oneDNN tensors of step 5, and one built with LLVM fuses with TorchScript's CPU fuser, whose
   // depthwise convolutions crash (see core/libtorch_version.hpp). Calling script_module()
-  // directly bypasses the guard.
-  torch::Tensor forward(torch::Tensor x) {
-    const libtorch::InferenceGuard guard;
-    return module_.forward({std::move(x)}).toTensor();
-  }
+  // directly bypasses the guard. The eager path runs under the same guard, so both paths
+  // return the same kind of tensor.
+  torch::Tensor forward(torch::Tensor x) { return run(report_.path, x); }
 
   // Python's torch.jit.load and LibTorch's torch::jit::load read the file. It holds the module
   // before step 5: the oneDNN constants that optimize_for_inference creates do not serialize
   // in LibTorch 1.13 (saving succeeds, loading fails, in Python too), so whoever loads the
-  // file applies torch.jit.optimize_for_inference again, on their machine.
+  // file applies torch.jit.optimize_for_inference again, on their machine. Whichever path won
+  // here, the file is that module: the loader's machine may choose differently.
   void save(const std::filesystem::path& path) const { portable_.save(path.string()); }
 
   torch::jit::Module& script_module() { return module_; }
   const OptimizeReport& report() const { return report_; }
+  // What forward runs: report().path.
+  InferencePath path() const { return report_.path; }
+
+  // One forward on the given path (what optimize_for_inference times; eager needs the copy).
+  torch::Tensor run(InferencePath path, const torch::Tensor& x) {
+    const libtorch::InferenceGuard guard;
+    switch (path) {
+      case InferencePath::eager: return eager_(x);
+      case InferencePath::frozen: return portable_.forward({x}).toTensor();
+      case InferencePath::optimized: break;
+    }
+    return module_.forward({x}).toTensor();
+  }
 
  private:
   torch::jit::Module module_;
   torch::jit::Module portable_;
+  Forward eager_;
   OptimizeReport report_;
 };
 TORCH_MODULE(InferenceModel);
@@ -88,7 +174,7 @@ TORCH_MODULE(InferenceModel);
 // The model, optimized for inference on inputs like `example_input` (see the banner). The model
 // is left as it was; when it was in training mode a warning says that the result computes the
 // eval-mode function. Errors of the export (fasterai::argument_error) pass through.
-template <traceable_module Model>
+template <traceable Model>
 InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example_input,
                                       const OptimizeOptions& options = {}) {
   constexpr auto where = "fasterai::optimize_for_inference";

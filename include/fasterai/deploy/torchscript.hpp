@@ -46,13 +46,6 @@
 
 namespace fasterai {
 
-// A module whose forward takes one tensor and returns one tensor: what can be traced. (A
-// Sequential qualifies; its last layer must return a tensor, which is checked at run time.)
-template <class M>
-concept traceable_module = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
-  { m.forward(x) } -> std::convertible_to<torch::Tensor>;
-};
-
 struct ExportOptions {
   ExportOptions() = default;
   // In eval mode, compare the exported module with the model on two inputs derived from the
@@ -69,7 +62,7 @@ struct ExportOptions {
 // running statistics that a training-mode BatchNorm updates during the trace are restored).
 // Throws fasterai::argument_error when the example is undefined or the forward fails on it, and
 // when the output is not a tensor.
-template <traceable_module Model>
+template <traceable Model>
 torch::jit::Module to_torchscript(Model& model, const torch::Tensor& example_input,
                                   const ExportOptions& options = {});
 
@@ -194,7 +187,7 @@ inline double relative_difference(const torch::Tensor& a, const torch::Tensor& b
 
 }  // namespace detail
 
-template <traceable_module Model>
+template <traceable Model>
 torch::jit::Module to_torchscript(Model& model, const torch::Tensor& example_input,
                                   const ExportOptions& options) {
   using namespace std::string_literals;

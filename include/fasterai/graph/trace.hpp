@@ -40,12 +40,6 @@
 
 namespace fasterai {
 
-// A module whose forward takes one tensor and returns one tensor.
-template <class M>
-concept traceable = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
-  { m.forward(x) } -> std::convertible_to<torch::Tensor>;
-};
-
 namespace detail {
 
 inline constexpr const char* trace_where = "fasterai::trace";

@@ -299,7 +299,7 @@ class TracedCalibrator {
   // Exports `model` on `example` (see to_torchscript), folds its BatchNorms and inserts the
   // observers, on copies: the model is left as it was. Throws fasterai::argument_error for an
   // engine not built in or a model that cannot be traced on the example.
-  template <traceable_module Model>
+  template <traceable Model>
   TracedCalibrator(Model& model, const torch::Tensor& example, TracedQuantOptions options = {})
       : options_(std::move(options)) {
     constexpr auto where = detail::traced_calibrator_where;
@@ -432,7 +432,7 @@ class TracedCalibrator {
 
 // Static quantization of any traceable model in one call: calibrate on every batch of
 // `batches` (a range of tensors or Examples, or data::Batches), then convert.
-template <traceable_module Model, class Batches>
+template <traceable Model, class Batches>
 torch::jit::Module quantize_traced(Model& model, const torch::Tensor& example, const Batches& batches,
                                    TracedQuantOptions options = {}) {
   TracedCalibrator calibrator(model, example, std::move(options));

@@ -73,12 +73,6 @@ struct Metric {
 // Fraction of examples whose highest-scoring class is the target.
 inline Metric accuracy();
 
-// A model the Learner can train: a module (or its holder) with forward(Tensor) -> Tensor.
-template <class M>
-concept trainable_module = module<M> && requires(impl_of_t<M>& m, torch::Tensor x) {
-  { m.forward(x) } -> std::convertible_to<torch::Tensor>;
-};
-
 enum class OptimizerKind {
   Adam,   // β = (momentum, 0.99), ε = 1e-5, as fastai
   AdamW,  // Adam with decoupled weight decay
@@ -175,7 +169,7 @@ struct ValidationResult {
 
 class Learner {
  public:
-  template <trainable_module Model>
+  template <traceable Model>
   Learner(Model model, data::Batches train, data::Batches valid = {}, LearnerOptions options = {});
 
   // Train for `epochs` at a constant learning rate. `callbacks` join this fit only, after the
@@ -481,7 +475,7 @@ inline double ValidationResult::metric(const std::string& name) const {
                                "one of the Learner's metrics: " + (known.empty() ? "(none)" : known));
 }
 
-template <trainable_module Model>
+template <traceable Model>
 Learner::Learner(Model model, data::Batches train, data::Batches valid, LearnerOptions options)
     : train_(std::move(train)), valid_(std::move(valid)), options_(std::move(options)) {
   constexpr auto where = "fasterai::Learner";
