@@ -44,6 +44,8 @@
 #include <fasterai/train/knowledge_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/one_cycle.hpp>
+#include <fasterai/train/optimizer.hpp>
+#include <fasterai/train/reporter.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>

@@ -57,6 +57,8 @@
 #include <fasterai/data/batches.hpp>
 #include <fasterai/train/callback.hpp>
 #include <fasterai/train/one_cycle.hpp>
+#include <fasterai/train/optimizer.hpp>
+#include <fasterai/train/reporter.hpp>
 
 namespace fasterai {
 
@@ -72,19 +74,6 @@ struct Metric {
 
 // Fraction of examples whose highest-scoring class is the target.
 inline Metric accuracy();
-
-enum class OptimizerKind {
-  Adam,   // β = (momentum, 0.99), ε = 1e-5, as fastai
-  AdamW,  // Adam with decoupled weight decay
-  SGD,    // with `momentum`
-};
-
-enum class Progress {
-  Auto,   // a bar on a terminal, plain lines otherwise
-  Bar,    // a bar redrawn in place (\r)
-  Lines,  // a line at each quarter of an epoch
-  None,   // only the table
-};
 
 // What a Learner needs to train data-parallel, one process per replica: every rank runs the
 // same Learner on its own shard of the data, and this averages the gradients and sums the
@@ -116,9 +105,6 @@ inline std::shared_ptr<ParallelContext>& default_parallel_context() {
   return context;
 }
 
-using OptimizerFactory =
-    std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor> parameters)>;
-
 struct LearnerOptions {
   LearnerOptions() = default;
   TORCH_ARG(LossFunction, loss) = [](const torch::Tensor& pred, const torch::Tensor& target) {
@@ -148,15 +134,6 @@ struct LearnerOptions {
   // batches per epoch (dist::shard does). nullptr: default_parallel_context(), which is
   // nullptr (one process) unless a launched job installed one.
   TORCH_ARG(std::shared_ptr<ParallelContext>, parallel) = nullptr;
-};
-
-// One row of the table.
-struct EpochRecord {
-  int epoch = 0;
-  double train_loss = 0;  // smoothed, as fastai
-  double valid_loss = std::numeric_limits<double>::quiet_NaN();  // NaN without validation data
-  std::vector<double> metrics;                                     // in LearnerOptions order
-  double seconds = 0;
 };
 
 struct ValidationResult {
@@ -253,213 +230,6 @@ class Learner {
   void clear_batch() noexcept;
 };
 
-namespace detail {
-
-inline std::unique_ptr<torch::optim::Optimizer> make_optimizer(const LearnerOptions& o,
-                                                               std::vector<torch::Tensor> params) {
-  namespace optim = torch::optim;
-  if (o.optimizer_factory()) return o.optimizer_factory()(std::move(params));
-  switch (o.optimizer()) {
-    case OptimizerKind::AdamW:
-      return std::make_unique<optim::AdamW>(
-          std::move(params), optim::AdamWOptions(1e-3)
-                                 .betas(std::make_tuple(o.momentum(), 0.99))
-                                 .eps(1e-5)
-                                 .weight_decay(o.weight_decay()));
-    case OptimizerKind::SGD:
-      return std::make_unique<optim::SGD>(
-          std::move(params),
-          optim::SGDOptions(1e-3).momentum(o.momentum()).weight_decay(o.weight_decay()));
-    case OptimizerKind::Adam:
-    default:
-      return std::make_unique<optim::Adam>(std::move(params),
-                                           optim::AdamOptions(1e-3)
-                                               .betas(std::make_tuple(o.momentum(), 0.99))
-                                               .eps(1e-5)
-                                               .weight_decay(o.weight_decay()));
-  }
-}
-
-// Momentum of each parameter group (nullopt where the optimizer has none), to put back after
-// one-cycle has cycled it.
-inline std::vector<std::optional<double>> momenta(torch::optim::Optimizer& optimizer) {
-  std::vector<std::optional<double>> out;
-  for (auto& group : optimizer.param_groups()) {
-    auto& o = group.options();
-    if (auto* a = dynamic_cast<torch::optim::AdamOptions*>(&o)) out.emplace_back(std::get<0>(a->betas()));
-    else if (auto* w = dynamic_cast<torch::optim::AdamWOptions*>(&o)) out.emplace_back(std::get<0>(w->betas()));
-    else if (auto* s = dynamic_cast<torch::optim::SGDOptions*>(&o)) out.emplace_back(s->momentum());
-    else if (auto* r = dynamic_cast<torch::optim::RMSpropOptions*>(&o)) out.emplace_back(r->momentum());
-    else out.emplace_back();
-  }
-  return out;
-}
-
-inline void restore_momenta(torch::optim::Optimizer& optimizer,
-                            const std::vector<std::optional<double>>& saved) {
-  auto& groups = optimizer.param_groups();
-  for (size_t i = 0; i < groups.size() && i < saved.size(); ++i) {
-    if (!saved[i]) continue;
-    auto& o = groups[i].options();
-    if (auto* a = dynamic_cast<torch::optim::AdamOptions*>(&o)) a->betas(std::make_tuple(*saved[i], std::get<1>(a->betas())));
-    else if (auto* w = dynamic_cast<torch::optim::AdamWOptions*>(&o)) w->betas(std::make_tuple(*saved[i], std::get<1>(w->betas())));
-    else if (auto* s = dynamic_cast<torch::optim::SGDOptions*>(&o)) s->momentum(*saved[i]);
-    else if (auto* r = dynamic_cast<torch::optim::RMSpropOptions*>(&o)) r->momentum(*saved[i]);
-  }
-}
-
-// fastai's smoothed loss: an exponential moving average, debiased for its first steps.
-struct SmoothLoss {
-  double beta = 0.98;
-  double value_ = 0;
-  std::int64_t count = 0;
-  void add(double x) {
-    ++count;
-    value_ = beta * value_ + (1 - beta) * x;
-  }
-  double value() const {
-    return count == 0 ? std::numeric_limits<double>::quiet_NaN()
-                      : value_ / (1 - std::pow(beta, static_cast<double>(count)));
-  }
-};
-
-inline std::string format_time(double seconds) {
-  const auto total = static_cast<std::int64_t>(std::llround(std::max(0.0, seconds)));
-  std::ostringstream os;
-  os << std::setfill('0');
-  if (total >= 3600) os << total / 3600 << ':' << std::setw(2) << (total / 60) % 60;
-  else os << std::setw(2) << total / 60;
-  os << ':' << std::setw(2) << total % 60;
-  return os.str();
-}
-
-inline bool is_terminal(const std::ostream* out) {
-#if __has_include(<unistd.h>)
-  if (out == &std::cout) return ::isatty(STDOUT_FILENO) != 0;
-  if (out == &std::cerr || out == &std::clog) return ::isatty(STDERR_FILENO) != 0;
-#endif
-  (void)out;
-  return false;
-}
-
-// The table, the progress display and the CSV log of one fit.
-class Reporter {
- public:
-  Reporter(const LearnerOptions& options, bool csv_fresh)
-      : out_(options.out()), mode_(resolve(options.progress(), options.out())) {
-    columns_ = {"epoch", "train_loss", "valid_loss"};
-    for (const auto& m : options.metrics()) columns_.push_back(m.name);
-    columns_.push_back("time");
-    if (!options.csv_log().empty()) {
-      csv_.open(options.csv_log(), csv_fresh ? std::ios::trunc : std::ios::app);
-      if (!csv_)
-        throw_argument_error("fasterai::Learner", "csv_log", options.csv_log(),
-                             "a path where a CSV file can be written");
-      if (csv_fresh) {
-        for (size_t i = 0; i < columns_.size(); ++i) csv_ << (i ? "," : "") << columns_[i];
-        csv_ << '\n';
-        csv_.flush();
-      }
-    }
-  }
-
-  void header() {
-    if (!out_) return;
-    for (size_t i = 0; i < columns_.size(); ++i)
-      *out_ << columns_[i] << (i + 1 < columns_.size() ? "  " : "\n");
-    out_->flush();
-  }
-
-  void row(const EpochRecord& r) {
-    end_bar();
-    std::vector<std::string> cells{std::to_string(r.epoch), number(r.train_loss),
-                                   number(r.valid_loss)};
-    for (double m : r.metrics) cells.push_back(number(m));
-    cells.push_back(format_time(r.seconds));
-    if (out_) {
-      for (size_t i = 0; i < cells.size(); ++i) {
-        const size_t width = std::max(columns_[i].size(), cells[i].size());
-        *out_ << std::left << std::setw(static_cast<int>(width)) << cells[i] << std::right
-              << (i + 1 < cells.size() ? "  " : "\n");
-      }
-      out_->flush();
-    }
-    if (csv_.is_open()) {
-      csv_ << r.epoch << ',' << number(r.train_loss) << ',' << number(r.valid_loss);
-      for (double m : r.metrics) csv_ << ',' << number(m);
-      csv_ << ',' << std::fixed << std::setprecision(3) << r.seconds << '\n';
-      csv_.flush();
-    }
-  }
-
-  // Progress within a phase; `done` of `total` batches, `loss` the smoothed loss so far.
-  void progress(const char* phase, int epoch, int epochs, std::int64_t done, std::int64_t total,
-                double loss, double elapsed) {
-    if (!out_ || mode_ == Progress::None || total <= 0) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (mode_ == Progress::Bar) {
-      // Redraw at most ten times a second, and at the end.
-      if (done < total && drawn_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
-      last_draw_ = now;
-      drawn_ = true;
-      constexpr int width = 30;
-      const auto filled = static_cast<int>(width * done / total);
-      std::ostringstream line;
-      line << "\repoch " << epoch << '/' << epochs << ' ' << phase << " |";
-      for (int i = 0; i < width; ++i) line << (i < filled ? "\u2588" : "-");
-      line << "| " << done << '/' << total << ' ' << format_time(elapsed) << '<'
-           << format_time(done > 0 ? elapsed * double(total - done) / double(done) : 0.0);
-      if (!std::isnan(loss)) line << ' ' << std::fixed << std::setprecision(4) << loss;
-      line << "\033[K";  // clear what a longer, earlier line left
-      *out_ << line.str() << std::flush;
-    } else if (mode_ == Progress::Lines && std::string_view(phase) == "train") {
-      // Quarters of the epoch, the last quarter being the table row.
-      const std::int64_t quarter = done * 4 / total;
-      if (quarter <= last_quarter_ || done == total) return;
-      last_quarter_ = quarter;
-      *out_ << "epoch " << epoch << " train " << done << '/' << total << " batches, loss "
-            << std::fixed << std::setprecision(4) << loss << std::defaultfloat << ", "
-            << format_time(elapsed) << " elapsed, ~"
-            << format_time(elapsed * double(total - done) / double(done)) << " left\n"
-            << std::flush;
-    }
-  }
-
-  void new_epoch() { last_quarter_ = 0; }
-
-  // End a bar that is being redrawn, so that what follows starts on its own line.
-  void end_bar() {
-    if (drawn_ && out_) *out_ << "\r\033[K" << std::flush;
-    drawn_ = false;
-  }
-
- private:
-  std::ostream* out_;
-  Progress mode_;
-  std::vector<std::string> columns_;
-  std::ofstream csv_;
-  bool drawn_ = false;
-  std::chrono::steady_clock::time_point last_draw_{};
-  std::int64_t last_quarter_ = 0;
-
-  static Progress resolve(Progress p, const std::ostream* out) {
-    if (p != Progress::Auto) return p;
-    return is_terminal(out) ? Progress::Bar : Progress::Lines;
-  }
-  static std::string number(double v) {
-    if (std::isnan(v)) return "nan";
-    std::ostringstream os;
-    os << std::fixed << std::setprecision(6) << v;
-    return os.str();
-  }
-};
-
-inline double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-}  // namespace detail
-
 inline Metric accuracy() {
   return {"accuracy", [](const torch::Tensor& pred, const torch::Tensor& target) {
             return pred.argmax(-1).eq(target).to(torch::kFloat).mean();
@@ -537,7 +307,9 @@ inline void Learner::rebuild_optimizer() {
   // Gradients of the old shapes would be added to the new ones by the next backward.
   for (auto& p : module_->parameters())
     if (p.grad().defined() && p.grad().sizes() != p.sizes()) p.mutable_grad() = torch::Tensor();
-  auto fresh = detail::make_optimizer(options_, module_->parameters());
+  auto fresh = detail::make_optimizer(
+      {options_.optimizer(), options_.optimizer_factory(), options_.momentum(), options_.weight_decay()},
+      module_->parameters());
   optimized_ = detail::parameter_signature(*module_);
   optimizer_ = std::move(fresh);
   state_.optimizer = optimizer_.get();
@@ -605,7 +377,10 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
                                                  std::vector<CallbackRef> extra) {
   CallbackList callbacks(callbacks_.callbacks());
   for (auto& cb : extra) callbacks.add(std::move(cb));
-  detail::Reporter report(options_, !csv_started_);
+  std::vector<std::string> metric_names;
+  for (const auto& m : options_.metrics()) metric_names.push_back(m.name);
+  detail::Reporter report(options_.out(), options_.progress(), metric_names, options_.csv_log(),
+                          !csv_started_);
   csv_started_ = true;
   // A resumed fit keeps the generator where the checkpoint put it.
   if (options_.seed() && resume_epoch_ == 0) torch::manual_seed(*options_.seed());
