@@ -63,6 +63,7 @@
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/quant/engine.hpp>
 #include <fasterai/quant/observer.hpp>
+#include <fasterai/transform/bn_folder.hpp>
 
 namespace fasterai {
 
@@ -145,14 +146,14 @@ inline int fold_conv_batch_norms(torch::jit::Module& m) {
     const auto mean = tensor_input(m, bn->input(3), self), var = tensor_input(m, bn->input(4), self);
     if (!weight || !bias || !gamma || !beta || !mean || !var || !mean->defined() || !var->defined()) continue;
     if (bias->defined() && conv->input(2)->uses().size() != 1) continue;
-    const torch::Tensor factor =
-        (gamma->defined() ? *gamma : torch::ones_like(*mean)) / torch::sqrt(*var + eps->toDouble());
+    // BNFolder's formula (in double, one rounding at the end), on the graph's tensors.
+    const detail::BatchNormView view{&*gamma, &*beta, &*mean, &*var, eps->toDouble(), mean->size(0)};
+    const detail::Folding folding = detail::folding(view, *bias);
     std::vector<std::int64_t> per_output(static_cast<std::size_t>(weight->dim()), 1);
     per_output[0] = -1;
-    const torch::Tensor new_weight = *weight * factor.reshape(per_output).to(weight->dtype());
-    const torch::Tensor new_bias =
-        ((bias->defined() ? *bias : torch::zeros_like(*mean)) - *mean) * factor +
-        (beta->defined() ? *beta : torch::zeros_like(*mean));
+    const torch::Tensor new_weight =
+        (weight->to(torch::kFloat64) * folding.scale.to(weight->device()).reshape(per_output)).to(weight->dtype());
+    const torch::Tensor new_bias = folding.bias.to(weight->device());
     torch::jit::Module conv_module = owner_of(m, *weight_path);
     conv_module.setattr(weight_path->back(), new_weight);
     if (bias->defined()) {

@@ -109,11 +109,23 @@ bool keeps_masks(const S& s) {
   else
     return false;
 }
+// Whether a criterion scores channels by the γ of their norms (criteria::BNScale) rather than
+// by the layer's weights: only the channel graph knows which norm reads which channel.
+template <class C>
+constexpr bool scores_norms() {
+  if constexpr (requires { C::scores_norms; })
+    return static_cast<bool>(C::scores_norms);
+  else
+    return false;
+}
 }  // namespace detail
 
 template <granularity_policy Granularity, method_policy Method, criteria_policy Criteria,
           schedule_policy Schedule = schedule::OneShot>
 class Sparsifier final : public SparsifierInterface {
+  static_assert(!detail::scores_norms<Criteria>() || Granularity::whole_channel,
+                "a criterion that scores channels by their norm's gamma (BNScale) needs granularity::Filter");
+
  public:
   using granularity_type = Granularity;
   using method_type = Method;
@@ -409,6 +421,9 @@ class Sparsifier final : public SparsifierInterface {
             if (t.decides_zero && t.out_dim == 0)
               if (auto x = detail::layer_tensor(*modules.at(n.module), t.name); x.defined() && x.dim() == 1)
                 channel_tensors_.push_back({x, idx, {}, 0});
+        if constexpr (detail::scores_norms<Criteria>())
+          if (auto gamma = detail::layer_tensor(*modules.at(n.module), "weight"); gamma.defined() && gamma.dim() == 1)
+            norm_scales_.push_back({gamma, idx, {}, 0});
         continue;
       }
       if (n.kind != OpKind::Layer) continue;
@@ -429,6 +444,19 @@ class Sparsifier final : public SparsifierInterface {
                                          torch::tensor(cp.second, torch::kLong)});
     }
     unit_pruned_ = torch::zeros({n_units + 1}, torch::kBool);
+    if constexpr (detail::scores_norms<Criteria>()) {
+      // A unit no norm reads would score 0 and go first: refuse the layer instead.
+      auto scored = torch::zeros({n_units + 1}, torch::kBool);
+      for (const auto& ns : norm_scales_) scored.index_fill_(0, ns.units, true);
+      for (const auto& t : targets_) {
+        const auto missing = (t.units != none) & ~scored.index_select(0, t.units);
+        detail::check_argument(!missing.any().template item<bool>(), where("Sparsifier"), "criteria",
+                               Criteria::name(),
+                               detail::concat("a criterion the layers' channels support: layer '", t.layer.name,
+                                              "' has channels no BatchNorm (or other norm with a per-channel "
+                                              "gamma) reads; exclude it or use another criterion"));
+      }
+    }
   }
 
   // Masks from the groups that are already entirely zero (Constant schedule: keep what an
@@ -443,7 +471,7 @@ class Sparsifier final : public SparsifierInterface {
         auto nonzero = torch::zeros({c.units.numel()}, torch::kLong);
         for (const auto& p : c.producers) {
           const auto& w = targets_[p.target].layer.weight();
-          const auto alive = w.detach().reshape({w.size(0), -1}).ne(0).any(1).to(torch::kCPU);
+          const auto alive = (~detail::zero_slices(w, 0)).to(torch::kCPU);  // rows are outputs
           nonzero.index_add_(0, p.positions, alive.index_select(0, p.channels).to(torch::kLong));
         }
         zero_units.push_back(nonzero.eq(0));
@@ -609,14 +637,22 @@ class Sparsifier final : public SparsifierInterface {
     std::vector<torch::Tensor> unit_scores;
     std::vector<std::int64_t> counts(coupled_.size());
     std::int64_t total = 0;
+    torch::Tensor norm_scores;  // BNScale: Σ |γ| over the norms reading each unit
+    if constexpr (detail::scores_norms<Criteria>()) {
+      norm_scores = torch::zeros({unit_pruned_.numel()}, torch::kFloat32);
+      for (const auto& ns : norm_scales_)
+        norm_scores.index_add_(0, ns.units, ns.tensor.detach().abs().to(torch::kCPU, torch::kFloat32));
+    }
     for (std::size_t i = 0; i < coupled_.size(); ++i) {
       const auto& c = coupled_[i];
       auto u = torch::zeros({c.units.numel()}, torch::kFloat32);
       double s = 100.0;
       for (const auto& p : c.producers) {
-        u.index_add_(0, p.positions, filter_scores[p.target].reshape({-1}).to(torch::kCPU).index_select(0, p.channels));
+        if constexpr (!detail::scores_norms<Criteria>())
+          u.index_add_(0, p.positions, filter_scores[p.target].reshape({-1}).to(torch::kCPU).index_select(0, p.channels));
         s = std::min(s, sparsity[p.target]);
       }
+      if constexpr (detail::scores_norms<Criteria>()) u = norm_scores.index_select(0, c.units);
       if constexpr (!Method::global) counts[i] = rounded(u.numel(), Granularity::groups_to_prune(u.numel(), s));
       total += u.numel();
       unit_scores.push_back(std::move(u));
@@ -712,6 +748,7 @@ class Sparsifier final : public SparsifierInterface {
   std::vector<Target> targets_;
   std::vector<Coupled> coupled_;              // Filter granularity only
   std::vector<ChannelTensor> channel_tensors_;  // Filter granularity only
+  std::vector<ChannelTensor> norm_scales_;      // BNScale: each norm's γ and its channels' units
   torch::Tensor unit_pruned_;                 // bool [graph units + 1]: the last slot is never pruned
   double current_ = 0.0;
 };
