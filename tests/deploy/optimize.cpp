@@ -4,11 +4,15 @@
 #include "catch.hpp"
 #include <torch/script.h>
 
+#include <sstream>
+
 #include <fasterai/core/latency.hpp>
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/core/libtorch_version.hpp>
+#include <fasterai/sparse/sparsifier.hpp>
+#include <fasterai/transform/pruner.hpp>
 
 #include "python_oracle.hpp"
 
@@ -36,6 +40,27 @@ struct SmallResidualImpl : torch::nn::Module {
   }
 };
 TORCH_MODULE(SmallResidual);
+
+// The same network as a torch::nn::Cloneable: optimize_for_inference can copy it for the eager
+// path.
+struct CloneableResidualImpl : torch::nn::Cloneable<CloneableResidualImpl> {
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  torch::nn::Linear fc{nullptr};
+  CloneableResidualImpl() { reset(); }
+  void reset() override {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 6, 3).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(6));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(6, 6, 3).padding(1)));
+    fc = register_module("fc", torch::nn::Linear(6, 3));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(bn1(conv1(x)));
+    x = torch::relu(x + conv2(x));
+    return fc(torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
+  }
+};
+TORCH_MODULE(CloneableResidual);
 
 // Running statistics away from (0, 1), as after training, so that folding has work to do.
 void trained_looking(torch::nn::Module& model) {
@@ -231,4 +256,145 @@ TEST_CASE("cost_model: roofline estimate from measured peak rates", "[cost_model
   CHECK(report.estimate_ms(fixed) == Approx(0.015));
   CHECK_THROWS_WITH(measure_peak_rates(CalibrationOptions().threads(0)),
                     Catch::Contains("fasterai::measure_peak_rates") && Catch::Contains("threads"));
+}
+
+namespace {
+
+// compact_vgg with half of every conv's filters removed (odd widths, as in the walkthrough) and
+// its BatchNorms folded: the kind of model on which step 5 was measured slower than eager.
+torch::nn::Sequential pruned_compact_vgg() {
+  auto model = models::compact_vgg();
+  trained_looking(*model);
+  model->eval();
+  Sparsifier<granularity::Filter, method::Local, criteria::L1>(model).prune(50);
+  auto pruned = Pruner().prune(model);
+  return BNFolder().fold(pruned);
+}
+
+}  // namespace
+
+TEST_CASE("optimize_for_inference: by default it times both paths and keeps the faster, "
+          "with the eager outputs", "[optimize][choice]") {
+  torch::manual_seed(11);
+  auto model = pruned_compact_vgg();
+  const auto x = torch::randn({1, 1, 28, 28});
+  InferenceModel fast = optimize_for_inference(model, x, OptimizeOptions().rounds(3).runs(2));
+  const OptimizeReport& r = fast->report();
+  INFO(r);
+  CHECK(r.measured);
+  CHECK(r.alternative == InferencePath::eager);  // a Sequential is copied for the eager path
+  CHECK(r.optimized_ms > 0);
+  CHECK(r.alternative_ms > 0);
+  CHECK(r.threads == torch::get_num_threads());
+  // The decision follows the medians it reports (a tie keeps the optimized module).
+  CHECK(r.path == (r.alternative_ms < r.optimized_ms ? InferencePath::eager : InferencePath::optimized));
+  CHECK(fast->path() == r.path);
+  torch::NoGradGuard no_grad;
+  const auto other = torch::randn({1, 1, 28, 28});
+  CHECK(relative_difference(fast(x), model->forward(x)) < 1e-5);
+  CHECK(relative_difference(fast(other), model->forward(other)) < 1e-5);
+  // Both candidates compute the model, whichever won.
+  CHECK(relative_difference(fast->run(InferencePath::optimized, other), model->forward(other)) < 1e-5);
+  std::ostringstream text;
+  text << r;
+  CHECK(text.str().find("measured: optimized ") != std::string::npos);
+}
+
+TEST_CASE("optimize_for_inference: choose_by_measurement(false) forces either path",
+          "[optimize][choice]") {
+  torch::manual_seed(12);
+  auto model = pruned_compact_vgg();
+  const auto x = torch::randn({1, 1, 28, 28});
+  const auto other = torch::randn({1, 1, 28, 28});
+  torch::NoGradGuard no_grad;
+  SECTION("eager: the copy's own forward, bit for bit, independent of the model afterwards") {
+    InferenceModel fast =
+        optimize_for_inference(model, x, OptimizeOptions().choose_by_measurement(false).path(InferencePath::eager));
+    CHECK(fast->path() == InferencePath::eager);
+    CHECK(!fast->report().measured);
+    CHECK(fast->report().optimized_ms == 0);
+    CHECK(fast->report().alternative_ms == 0);
+    const torch::Tensor expected = model->forward(other);
+    // The same kernels on the same shapes as the model (the model has no BatchNorm left to
+    // fold): equal exactly, which the oneDNN graph of the optimized path is not bound to be.
+    CHECK(torch::equal(fast(other), expected));
+    CHECK(fast(other).is_inference());
+    model->parameters()[0].mul_(2);
+    CHECK(torch::equal(fast(other), expected));
+  }
+  SECTION("optimized: the TorchScript module, unmeasured") {
+    InferenceModel fast = optimize_for_inference(
+        model, x, OptimizeOptions().choose_by_measurement(false).path(InferencePath::optimized));
+    CHECK(fast->path() == InferencePath::optimized);
+    CHECK(!fast->report().measured);
+    CHECK(fast->report().optimized);
+    CHECK(relative_difference(fast(other), model->forward(other)) < 1e-5);
+    // No eager copy is kept: asking for that path is an error, not a crash.
+    CHECK_THROWS_WITH(fast->run(InferencePath::eager, other),
+                      Catch::Contains("fasterai::InferenceModel::run") && Catch::Contains("no eager copy"));
+  }
+}
+
+TEST_CASE("optimize_for_inference: a Cloneable module is copied for the eager path, any other "
+          "module is measured against the frozen module", "[optimize][choice]") {
+  torch::manual_seed(13);
+  const auto x = torch::randn({2, 3, 8, 8});
+  torch::NoGradGuard no_grad;
+  SECTION("Cloneable") {
+    auto model = CloneableResidual();
+    trained_looking(*model);
+    model->eval();
+    InferenceModel measured = optimize_for_inference(model, x, OptimizeOptions().rounds(2).runs(2));
+    CHECK(measured->report().alternative == InferencePath::eager);
+    CHECK(relative_difference(measured(x), model->forward(x)) < 1e-5);
+    InferenceModel eager =
+        optimize_for_inference(model, x, OptimizeOptions().choose_by_measurement(false).path(InferencePath::eager));
+    const torch::Tensor expected = model->forward(x);
+    CHECK(torch::equal(eager(x), expected));  // the copy, unfolded: the model's own kernels
+    model->fc->weight.mul_(2);
+    CHECK(torch::equal(eager(x), expected));
+  }
+  SECTION("not Cloneable") {
+    auto model = SmallResidual();
+    trained_looking(*model);
+    model->eval();
+    InferenceModel measured = optimize_for_inference(model, x, OptimizeOptions().rounds(2).runs(2));
+    const OptimizeReport& r = measured->report();
+    CHECK(r.measured);
+    CHECK(r.alternative == InferencePath::frozen);
+    CHECK(r.path == (r.alternative_ms < r.optimized_ms ? InferencePath::frozen : InferencePath::optimized));
+    CHECK(relative_difference(measured(x), model->forward(x)) < 1e-5);
+    CHECK(relative_difference(measured->run(InferencePath::frozen, x), model->forward(x)) < 1e-5);
+    // Without step 5 the optimized module is the frozen one: nothing to compare.
+    InferenceModel frozen = optimize_for_inference(model, x, OptimizeOptions().optimize(false));
+    CHECK(!frozen->report().measured);
+    CHECK(frozen->path() == InferencePath::optimized);
+  }
+}
+
+TEST_CASE("optimize_for_inference: bad choice options are refused before anything is done",
+          "[optimize][choice][bad_input]") {
+  torch::manual_seed(14);
+  auto model = SmallResidual();
+  model->train();
+  const auto x = torch::randn({1, 3, 8, 8});
+  std::vector<torch::Tensor> before;
+  for (const auto& t : model->parameters()) before.push_back(t.clone());
+  const auto fails = [&](const OptimizeOptions& options, const std::string& argument, const std::string& allowed) {
+    CollectWarnings warnings;
+    libtorch::WarningHandlerGuard guard(&warnings);
+    CHECK_THROWS_WITH(optimize_for_inference(model, x, options),
+                      Catch::Contains("fasterai::optimize_for_inference") && Catch::Contains(argument) &&
+                          Catch::Contains(allowed));
+    CHECK(warnings.messages.empty());  // refused before the training-mode warning
+  };
+  fails(OptimizeOptions().rounds(0), "rounds", "a count >= 1");
+  fails(OptimizeOptions().runs(-1), "runs", "a count >= 1");
+  fails(OptimizeOptions().path(InferencePath::eager), "path", "choose_by_measurement");
+  fails(OptimizeOptions().choose_by_measurement(false).path(InferencePath::frozen), "path", "optimize(false)");
+  // SmallResidual is not a torch::nn::Cloneable: no eager copy can be made.
+  fails(OptimizeOptions().choose_by_measurement(false).path(InferencePath::eager), "path", "Cloneable");
+  CHECK(model->is_training());
+  std::size_t i = 0;
+  for (const auto& t : model->parameters()) CHECK(torch::equal(t, before[i++]));
 }

@@ -154,6 +154,8 @@ class InferenceModelImpl : public torch::nn::Module {
 
   // One forward on the given path (what optimize_for_inference times; eager needs the copy).
   torch::Tensor run(InferencePath path, const torch::Tensor& x) {
+    detail::check_argument(path != InferencePath::eager || eager_, "fasterai::InferenceModel::run",
+                           "path", to_string(path), "optimized or frozen: this model holds no eager copy");
     const libtorch::InferenceGuard guard;
     switch (path) {
       case InferencePath::eager: return eager_(x);
@@ -171,13 +173,87 @@ class InferenceModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(InferenceModel);
 
+namespace detail {
+
+// A module fasterai can deep-copy: a Sequential (clone_model) or a torch::nn::Cloneable (the
+// zoo); Module::clone() throws for any other.
+template <class M>
+concept copyable_module =
+    sequential_like<M> || std::derived_from<impl_of_t<M>, torch::nn::Cloneable<impl_of_t<M>>>;
+
+// An eval-mode deep copy of `model` for the eager path, or nothing when the model cannot be
+// copied.
+template <class Model>
+InferenceModelImpl::Forward eager_copy(Model& model) {
+  using Impl = impl_of_t<Model>;
+  if constexpr (sequential_like<Model>) {
+    auto copy = clone_model(model);
+    copy->eval();
+    return [copy](const torch::Tensor& x) mutable { return copy->forward(x); };
+  } else if constexpr (copyable_module<Model>) {
+    auto copy = std::dynamic_pointer_cast<Impl>(impl(model).clone());
+    copy->eval();
+    return [copy](const torch::Tensor& x) { return copy->forward(x); };
+  } else {
+    return {};
+  }
+}
+
+// One path of an InferenceModel as a module, for measure_latency.
+struct PathForward : torch::nn::Module {
+  PathForward(InferenceModelImpl& model, InferencePath path) : model(model), path(path) {}
+  torch::Tensor forward(const torch::Tensor& x) { return model.run(path, x); }
+  InferenceModelImpl& model;
+  InferencePath path;
+};
+
+// Medians (ms) of the optimized path and `alternative` over interleaved rounds.
+inline std::pair<double, double> time_paths(InferenceModelImpl& model, InferencePath alternative,
+                                            const torch::Tensor& x, const OptimizeOptions& options) {
+  PathForward optimized(model, InferencePath::optimized), other(model, alternative);
+  const auto latency = LatencyOptions().warmup(1).runs(options.runs()).threads(torch::get_num_threads());
+  std::vector<double> a, b;
+  for (int round = 0; round < options.rounds(); ++round) {
+    // Alternate which path goes first, so that neither always runs on the caches the other
+    // left or always first after a pause of the machine.
+    if (round % 2 == 0) {
+      a.push_back(measure_latency(optimized, x, latency).median_ms);
+      b.push_back(measure_latency(other, x, latency).median_ms);
+    } else {
+      b.push_back(measure_latency(other, x, latency).median_ms);
+      a.push_back(measure_latency(optimized, x, latency).median_ms);
+    }
+  }
+  std::sort(a.begin(), a.end());
+  std::sort(b.begin(), b.end());
+  return {quantile_sorted(a, 0.5), quantile_sorted(b, 0.5)};
+}
+
+}  // namespace detail
+
 // The model, optimized for inference on inputs like `example_input` (see the banner). The model
 // is left as it was; when it was in training mode a warning says that the result computes the
-// eval-mode function. Errors of the export (fasterai::argument_error) pass through.
+// eval-mode function. Errors of the export (fasterai::argument_error) pass through; bad options
+// are a fasterai::argument_error before anything is done.
 template <traceable Model>
 InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example_input,
                                       const OptimizeOptions& options = {}) {
   constexpr auto where = "fasterai::optimize_for_inference";
+  constexpr bool copyable = detail::copyable_module<Model>;
+  if (options.choose_by_measurement()) {
+    detail::check_argument(options.path() == InferencePath::optimized, where, "path",
+                           to_string(options.path()),
+                           "optimized (the default) while choose_by_measurement is on: the "
+                           "measurement chooses; turn it off to force a path");
+    detail::check_argument(options.rounds() >= 1, where, "rounds", options.rounds(), "a count >= 1");
+    detail::check_argument(options.runs() >= 1, where, "runs", options.runs(), "a count >= 1");
+  } else {
+    detail::check_argument(options.path() != InferencePath::frozen, where, "path", "frozen",
+                           "optimized or eager (a frozen module is OptimizeOptions().optimize(false))");
+    detail::check_argument(options.path() != InferencePath::eager || copyable, where, "path", "eager",
+                           "optimized: this module cannot be copied for an eager path (derive it "
+                           "from torch::nn::Cloneable, or keep the model and call it)");
+  }
   auto& m = detail::impl(model);
   OptimizeReport report;
   report.was_training = detail::any_training(m);
@@ -187,6 +263,8 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
                "mode");
 
   torch::jit::Module exported;
+  InferenceModelImpl::Forward eager;
+  const bool want_eager = options.choose_by_measurement() || options.path() == InferencePath::eager;
   bool folded_copy = false;
   if constexpr (sequential_like<Model>) {
     if (options.fold_batch_norm()) {
@@ -196,6 +274,9 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
       report.batch_norms_folded = folder.report().folded.size();
       exported = to_torchscript(folded, example_input);
       folded_copy = true;
+      // The export shares the folded copy's tensors and is deep-copied below: the copy itself
+      // is the eager path.
+      if (want_eager) eager = [folded](const torch::Tensor& x) mutable { return folded->forward(x); };
     }
   }
   if (!folded_copy) {
@@ -204,6 +285,7 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
     detail::EvalModeGuard eval(m);
     exported = to_torchscript(model, example_input);
   }
+  if (want_eager && !eager) eager = detail::eager_copy(model);
   exported = exported.deepcopy();  // own tensors: later changes to the model do not leak in
   exported.eval();
   if (options.freeze() || options.optimize()) {
@@ -216,11 +298,29 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
     exported = torch::jit::optimize_for_inference(exported);
     report.optimized = true;
   }
-  InferenceModel result(std::move(exported), std::move(portable), report);
+  if (!options.choose_by_measurement()) report.path = options.path();
+  InferenceModel result(exported, portable, report, eager);
   // TorchScript's profiling executor records the inputs of the first call and compiles its
   // optimized plan on the second (1.13 and 2.x): make those calls here, so that the first call a
   // user makes, or times, runs the plan (the two cost ten times a planned call on a small ViT).
   for (int i = 0; i < 2; ++i) result->forward(example_input);
+
+  // The alternative to time: the eager copy, or for a module without one the frozen module
+  // (when step 5 ran; without it the optimized module is the frozen one).
+  if (options.choose_by_measurement() && (eager || options.optimize())) {
+    report.alternative = eager ? InferencePath::eager : InferencePath::frozen;
+    if (!eager)  // the frozen module's plan too, before it is timed
+      for (int i = 0; i < 2; ++i) result->run(InferencePath::frozen, example_input);
+    std::tie(report.optimized_ms, report.alternative_ms) =
+        detail::time_paths(*result, report.alternative, example_input, options);
+    report.measured = true;
+    report.threads = torch::get_num_threads();
+    // Strictly faster: a tie keeps the optimized module, the path users asked for.
+    if (report.alternative_ms < report.optimized_ms) report.path = report.alternative;
+    // Only the chosen path is kept: the eager copy's tensors go when the optimized one won.
+    if (report.path != InferencePath::eager) eager = {};
+    result = InferenceModel(exported, portable, report, eager);
+  }
   return result;
 }
 
