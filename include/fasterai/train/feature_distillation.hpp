@@ -1,0 +1,588 @@
+#pragma once
+// Feature distillation: the student learns the teacher's intermediate representations, not only
+// its outputs, through losses between NAMED layers of the two models.
+//
+//   FitNet hints (Romero et al., 2015): the mean squared error between the teacher's features
+//   and the student's, the student's mapped to the teacher's width by a learned adapter (a 1×1
+//   convolution for N×C×H×W maps, a Linear for N×C features) when the widths differ:
+//       L_hint = mean((r(S) − T)²)
+//   Attention transfer (Zagoruyko & Komodakis, 2017): each example's spatial attention map
+//   Q = vec(mean_c |A_c|^p), p = 2, scaled to unit L2 norm, compared between the two models:
+//       L_at = mean over examples and positions of (Q_S − Q_T)²
+//   as in the authors' code (`at(x) = F.normalize(x.pow(p).mean(1).view(N, -1))`,
+//   `(at(s) − at(t)).pow(2).mean()`); the mean over channels equals the paper's sum up to a
+//   factor that the normalization removes, so the widths may differ without an adapter. They
+//   weight it by β/2 with β = 1000, the default weight of attention_hint.
+//
+// How the intermediate outputs are taken. LibTorch modules have no forward hooks, so this works
+// on Sequential-like models (torch::nn::Sequential, fasterai::NamedSequential, nested to any
+// depth: the shape of models every transform of fasterai takes), whose forward is the chain of
+// their children. A layer is named as in named_modules(): "features.3", or a nested Sequential
+// itself ("features"); feature_layer_names(model) lists them.
+//  - forward_with_features(model, x, names) runs the children one by one and keeps the named
+//    outputs: one forward giving the output and the features, for a hand-written loop.
+//  - The callback cannot change how the Learner calls the student, so while it trains (from
+//    the first batch to after_fit, or until the callback is destroyed) it puts a tap in place of
+//    each named child in its parent Sequential's forward list: a module that runs the child and
+//    keeps its output. Parameters, names, state_dict and the registered children are untouched
+//    (the tap is in the list `forward` walks, not registered), so the optimizer and saving see
+//    the same model; after_fit puts the children back.
+//  - The teacher runs without autograd in eval mode (modes restored afterwards), and only up to
+//    the last named layer it needs.
+// Models with a hand-written forward (the zoo's ResNet, a user's subclass) have no such chain:
+// their intermediate outputs cannot be reached without changing their forward, and the
+// constructor does not compile for them.
+//
+// With a Learner:
+//   fasterai::FeatureDistillation fd(student, teacher, example_batch,
+//       {fasterai::fitnet_hint("features.6", "features.10"),
+//        fasterai::attention_hint("features.3", "features.5")});
+//   learn.fit_one_cycle(5, 1e-3, {kd, fd});   // after KnowledgeDistillation: KD rescales the loss
+//                                             // it finds, fd adds its terms to it
+// The callback adds Σ weight·L to the loss in after_loss (training and validation). Adapters
+// are built by the constructor (from the example batch's shapes, on the student's device); in
+// before_fit the callback adds their parameters to the Learner's optimizer as a parameter group
+// with the options of its first group (one-cycle schedules it like the others) and takes the
+// group out in after_fit. Data-parallel Learners average only the model's gradients: train the
+// adapters on one process, or use equal widths (no adapter).
+//
+// In a hand-written loop:
+//   torch::optim::Adam opt(student->parameters(), 1e-3);
+//   opt.add_param_group(torch::optim::OptimizerParamGroup(fd.parameters()));   // the adapters
+//   auto out = fasterai::forward_with_features(student, x, fd.student_layers());
+//   auto loss = F::cross_entropy(out.output, y) + fd.loss(x, out.features);
+//   loss.backward(); opt.step(); opt.zero_grad();
+// or the plain losses on tensors you hold: fitnet_loss(s, t), attention_transfer_loss(s, t).
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include <fasterai/core/concepts.hpp>
+#include <fasterai/core/error.hpp>
+#include <fasterai/core/sequential.hpp>
+#include <fasterai/train/callback.hpp>
+
+namespace fasterai {
+
+enum class HintKind {
+  fitnet,     // MSE through an adapter (Romero et al.)
+  attention,  // distance of normalized spatial attention maps (Zagoruyko & Komodakis)
+};
+
+// One loss term between a student layer and a teacher layer.
+struct FeatureHint {
+  std::string student_layer;
+  std::string teacher_layer;
+  HintKind kind = HintKind::fitnet;
+  double weight = 1.0;
+};
+
+inline FeatureHint fitnet_hint(std::string student_layer, std::string teacher_layer,
+                               double weight = 1.0) {
+  return {std::move(student_layer), std::move(teacher_layer), HintKind::fitnet, weight};
+}
+// β/2 = 500: the weight Zagoruyko & Komodakis give the mean-form loss (β = 1000).
+inline FeatureHint attention_hint(std::string student_layer, std::string teacher_layer,
+                                  double weight = 500.0) {
+  return {std::move(student_layer), std::move(teacher_layer), HintKind::attention, weight};
+}
+
+// mean((student − teacher)²); both of the same shape (the student's already through its adapter).
+inline torch::Tensor fitnet_loss(const torch::Tensor& student, const torch::Tensor& teacher);
+// Per example, mean_c |A_c|^p over the channels of an N×C×H×W map, flattened to N×(H·W) and
+// scaled to unit L2 norm per row.
+inline torch::Tensor attention_map(const torch::Tensor& features, double p = 2.0);
+// mean((attention_map(student) − attention_map(teacher))²) over examples and positions; the maps
+// must have the same N, H and W (channels may differ).
+inline torch::Tensor attention_transfer_loss(const torch::Tensor& student,
+                                             const torch::Tensor& teacher, double p = 2.0);
+
+// The output of a Sequential-like model and the outputs of its named layers, from one forward.
+struct FeatureOutputs {
+  torch::Tensor output;
+  std::map<std::string, torch::Tensor> features;
+};
+
+// Every name forward_with_features accepts, in forward order: each child of the model and of
+// its nested Sequentials.
+template <sequential_like Model>
+std::vector<std::string> feature_layer_names(const Model& model);
+
+// Runs `model` on `x` child by child (the same computation as its forward), keeping the outputs
+// of the layers named in `layers`. Throws argument_error, running nothing, for a name that is
+// not a layer of the model (the message lists those that are).
+template <sequential_like Model>
+FeatureOutputs forward_with_features(const Model& model, const torch::Tensor& x,
+                                     const std::vector<std::string>& layers);
+
+class FeatureDistillation : public Callback {
+ public:
+  // Checks every hint on one forward of each model on `example` (a batch like the training
+  // ones; run in eval mode without autograd, modes restored) and builds the FitNet adapters.
+  // Throws argument_error, changing neither model, for an unknown layer name, a weight that is
+  // not finite and >= 0, features whose batch or spatial sizes differ, attention on features
+  // that are not N×C×H×W, or an adapter needed for features that are neither N×C nor N×C×H×W.
+  template <sequential_like Student, sequential_like Teacher>
+  FeatureDistillation(Student student, Teacher teacher, const torch::Tensor& example,
+                      std::vector<FeatureHint> hints);
+  ~FeatureDistillation() override { remove_taps(); }
+  FeatureDistillation(const FeatureDistillation&) = delete;
+  FeatureDistillation& operator=(const FeatureDistillation&) = delete;
+
+  // The adapters' parameters (empty when every FitNet pair has equal widths): give them to the
+  // optimizer of a hand-written loop. The callback adds them to a Learner's optimizer itself.
+  std::vector<torch::Tensor> parameters() const;
+  // The adapter of hint `i`, or nullptr for a hint without one.
+  std::shared_ptr<torch::nn::Module> adapter(std::size_t i) const {
+    return adapters_.at(i).is_empty() ? nullptr : adapters_.at(i).ptr();
+  }
+  const std::vector<FeatureHint>& hints() const noexcept { return hints_; }
+  // The student layers the hints read, for forward_with_features.
+  std::vector<std::string> student_layers() const;
+
+  // Σ weight·L over the hints, for the batch `x` whose student features are `student_features`
+  // (keyed by student layer name, as forward_with_features returns them).
+  torch::Tensor loss(const torch::Tensor& x,
+                     const std::map<std::string, torch::Tensor>& student_features) const;
+  // The teacher's features on `x` (no autograd, eval mode), keyed by teacher layer name.
+  std::map<std::string, torch::Tensor> teacher_features(const torch::Tensor& x) const;
+
+  std::string name() const override { return "FeatureDistillation"; }
+  void before_fit(TrainingState& state) override;
+  void before_batch(TrainingState& state) override;
+  void after_loss(TrainingState& state) override;
+  void after_fit(TrainingState& state) override;
+
+ private:
+  struct Tap;
+  std::shared_ptr<torch::nn::SequentialImpl> student_;
+  std::shared_ptr<torch::nn::SequentialImpl> teacher_;
+  std::vector<FeatureHint> hints_;
+  std::vector<torch::nn::AnyModule> adapters_;  // empty AnyModule: no adapter
+  std::vector<std::shared_ptr<Tap>> taps_;
+  torch::optim::Optimizer* optimizer_ = nullptr;  // the optimizer the adapters were added to
+
+  void install_taps();
+  void remove_taps() noexcept;
+  torch::Tensor hint_loss(std::size_t i, const torch::Tensor& student,
+                          const torch::Tensor& teacher) const;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+inline constexpr const char* feature_distillation_where = "fasterai::FeatureDistillation";
+
+inline std::string shape_string(const torch::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+// Puts back the train/eval mode of every submodule, even when a forward throws.
+class ModesGuard {
+ public:
+  explicit ModesGuard(torch::nn::Module& m) {
+    for (const auto& s : m.modules(/*include_self=*/true)) modes_.emplace_back(s, s->is_training());
+  }
+  ~ModesGuard() {
+    for (auto& [s, t] : modes_) s->train(t);
+  }
+  ModesGuard(const ModesGuard&) = delete;
+  ModesGuard& operator=(const ModesGuard&) = delete;
+
+ private:
+  std::vector<std::pair<std::shared_ptr<torch::nn::Module>, bool>> modes_;
+};
+
+// Where a named child sits: its parent Sequential and its index in the parent's forward list.
+struct ChildSite {
+  torch::nn::SequentialImpl* parent = nullptr;
+  std::size_t index = 0;
+  std::string name;
+};
+
+inline void collect_sites(torch::nn::SequentialImpl& seq, const std::string& prefix,
+                          std::vector<ChildSite>& out) {
+  const auto children = seq.named_children();
+  for (std::size_t i = 0; i < seq.size(); ++i) {
+    std::string name = prefix.empty() ? children[i].key() : prefix + "." + children[i].key();
+    out.push_back({&seq, i, name});
+    if (auto* nested = seq.begin()[static_cast<std::ptrdiff_t>(i)].ptr()->as<torch::nn::SequentialImpl>())
+      collect_sites(*nested, name, out);
+  }
+}
+
+inline std::vector<ChildSite> child_sites(torch::nn::SequentialImpl& seq) {
+  std::vector<ChildSite> out;
+  collect_sites(seq, "", out);
+  return out;
+}
+
+inline void check_layer_names(const char* where, const char* argument,
+                              const std::vector<ChildSite>& sites,
+                              const std::vector<std::string>& names) {
+  for (const auto& n : names) {
+    const bool known = std::any_of(sites.begin(), sites.end(), [&](const ChildSite& s) { return s.name == n; });
+    if (known) continue;
+    std::string allowed = "a layer of the model: ";
+    for (std::size_t i = 0; i < sites.size(); ++i) allowed += (i ? ", '" : "'") + sites[i].name + "'";
+    if (sites.empty()) allowed += "(it has none)";
+    throw_argument_error(where, argument, "'" + n + "'", allowed);
+  }
+}
+
+// Runs `seq` child by child from `x`, storing the outputs of `wanted` in `out`. With
+// `stop_early`, returns as soon as every wanted output is stored (the result is then not the
+// model's output). `done` tells the callers above to stop too.
+inline torch::Tensor run_capturing(torch::nn::SequentialImpl& seq, const std::string& prefix,
+                                   torch::Tensor x, const std::set<std::string>& wanted,
+                                   std::map<std::string, torch::Tensor>& out, bool stop_early,
+                                   bool& done) {
+  const auto children = seq.named_children();
+  for (std::size_t i = 0; i < seq.size(); ++i) {
+    const std::string name = prefix.empty() ? children[i].key() : prefix + "." + children[i].key();
+    torch::nn::AnyModule& child = seq.begin()[static_cast<std::ptrdiff_t>(i)];
+    if (auto* nested = child.ptr()->as<torch::nn::SequentialImpl>())
+      x = run_capturing(*nested, name, std::move(x), wanted, out, stop_early, done);
+    else
+      x = child.forward(std::move(x));
+    if (wanted.count(name)) out[name] = x;
+    if (stop_early && out.size() == wanted.size()) done = true;
+    if (done) return x;
+  }
+  return x;
+}
+
+inline void check_hint_weight(const char* where, const FeatureHint& h) {
+  check_argument(std::isfinite(h.weight) && h.weight >= 0, where, "hint weight", h.weight,
+                 "a finite weight >= 0");
+}
+
+// Student and teacher features of one hint fit together: same batch, same spatial sizes, and
+// for attention N×C×H×W maps.
+inline void check_feature_pair(const char* where, const FeatureHint& h, const torch::Tensor& s,
+                               const torch::Tensor& t) {
+  const std::string pair = "'" + h.student_layer + "' -> '" + h.teacher_layer + "'";
+  const auto value = pair + " with student " + shape_string(s) + " and teacher " + shape_string(t);
+  check_argument(s.defined() && t.defined() && s.is_floating_point() && t.is_floating_point(),
+                 where, "hint", value, "layers whose outputs are floating-point tensors");
+  if (h.kind == HintKind::attention) {
+    check_argument(s.dim() == 4 && t.dim() == 4 && s.size(0) == t.size(0) &&
+                       s.size(2) == t.size(2) && s.size(3) == t.size(3),
+                   where, "attention hint", value,
+                   "N×C×H×W maps of equal N, H and W (channels may differ)");
+    return;
+  }
+  bool fits = s.dim() == t.dim() && s.dim() >= 2 && s.size(0) == t.size(0);
+  for (int64_t d = 2; fits && d < s.dim(); ++d) fits = s.size(d) == t.size(d);
+  check_argument(fits, where, "FitNet hint", value,
+                 "features of equal rank, batch and spatial sizes (an adapter maps only the "
+                 "channel dimension)");
+  check_argument(s.size(1) == t.size(1) || s.dim() == 2 || s.dim() == 4, where, "FitNet hint",
+                 value, "N×C or N×C×H×W features when the widths differ (the adapter is a Linear "
+                        "or a 1×1 convolution)");
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+
+inline torch::Tensor fitnet_loss(const torch::Tensor& student, const torch::Tensor& teacher) {
+  constexpr auto where = "fasterai::fitnet_loss";
+  detail::check_argument(student.defined() && teacher.defined() && student.sizes() == teacher.sizes(),
+                         where, "student", detail::shape_string(student),
+                         "the teacher's shape " + detail::shape_string(teacher) +
+                             " (map the student's width with an adapter first)");
+  return (student - teacher).pow(2).mean();
+}
+
+inline torch::Tensor attention_map(const torch::Tensor& features, double p) {
+  constexpr auto where = "fasterai::attention_map";
+  detail::check_argument(features.defined() && features.dim() == 4, where, "features",
+                         detail::shape_string(features), "an N×C×H×W map");
+  detail::check_argument(std::isfinite(p) && p > 0, where, "p", p, "a positive exponent");
+  const auto q = features.abs().pow(p).mean(1).flatten(1);
+  // F.normalize: divide by max(‖q‖₂, 1e-12), so an all-zero map stays zero.
+  return q / q.norm(2, 1, /*keepdim=*/true).clamp_min(1e-12);
+}
+
+inline torch::Tensor attention_transfer_loss(const torch::Tensor& student,
+                                             const torch::Tensor& teacher, double p) {
+  constexpr auto where = "fasterai::attention_transfer_loss";
+  detail::check_argument(student.defined() && teacher.defined() && student.dim() == 4 &&
+                             teacher.dim() == 4 && student.size(0) == teacher.size(0) &&
+                             student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),
+                         where, "student", detail::shape_string(student),
+                         "an N×C×H×W map with the N, H and W of the teacher's " +
+                             detail::shape_string(teacher));
+  return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean();
+}
+
+template <sequential_like Model>
+std::vector<std::string> feature_layer_names(const Model& model) {
+  auto& seq = const_cast<torch::nn::SequentialImpl&>(
+      static_cast<const torch::nn::SequentialImpl&>(detail::impl(model)));
+  std::vector<std::string> out;
+  for (const auto& s : detail::child_sites(seq)) out.push_back(s.name);
+  return out;
+}
+
+template <sequential_like Model>
+FeatureOutputs forward_with_features(const Model& model, const torch::Tensor& x,
+                                     const std::vector<std::string>& layers) {
+  // Running a module's forward needs it mutable (AnyModule::forward); the model's holder shares
+  // its layers, as calling `model->forward(x)` on a const holder does.
+  auto& seq = const_cast<torch::nn::SequentialImpl&>(
+      static_cast<const torch::nn::SequentialImpl&>(detail::impl(model)));
+  detail::check_layer_names("fasterai::forward_with_features", "layers", detail::child_sites(seq), layers);
+  FeatureOutputs out;
+  bool done = false;
+  out.output = detail::run_capturing(seq, "", x, {layers.begin(), layers.end()}, out.features,
+                                     /*stop_early=*/false, done);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Stands in a Sequential's forward list for a named child: runs it and keeps its output.
+class FeatureTapImpl : public torch::nn::Module {
+ public:
+  FeatureTapImpl(torch::nn::AnyModule layer, std::shared_ptr<torch::Tensor> slot)
+      : layer_(std::move(layer)), slot_(std::move(slot)) {}
+  torch::Tensor forward(torch::Tensor x) {
+    torch::Tensor y = layer_.forward(std::move(x));
+    *slot_ = y;
+    return y;
+  }
+
+ private:
+  torch::nn::AnyModule layer_;
+  std::shared_ptr<torch::Tensor> slot_;
+};
+
+struct FeatureDistillation::Tap {
+  detail::ChildSite site;
+  torch::nn::AnyModule original;
+  torch::nn::AnyModule tap;  // null while the original is in place
+  std::shared_ptr<torch::Tensor> slot = std::make_shared<torch::Tensor>();
+};
+
+template <sequential_like Student, sequential_like Teacher>
+FeatureDistillation::FeatureDistillation(Student student, Teacher teacher,
+                                         const torch::Tensor& example,
+                                         std::vector<FeatureHint> hints)
+    : hints_(std::move(hints)) {
+  constexpr auto where = detail::feature_distillation_where;
+  static_assert(requires { typename std::remove_cvref_t<Student>::ContainedType; } &&
+                    requires { typename std::remove_cvref_t<Teacher>::ContainedType; },
+                "fasterai::FeatureDistillation takes student and teacher as module holders "
+                "(torch::nn::Sequential, fasterai::NamedSequential)");
+  student_ = student.ptr();
+  teacher_ = teacher.ptr();
+  detail::check_argument(!hints_.empty(), where, "hints", "an empty list", "at least one hint");
+  detail::check_argument(example.defined() && example.dim() >= 1 && example.size(0) > 0, where,
+                         "example", detail::shape_string(example), "a non-empty batch of inputs");
+  std::vector<std::string> s_names, t_names;
+  for (const auto& h : hints_) {
+    detail::check_hint_weight(where, h);
+    s_names.push_back(h.student_layer);
+    t_names.push_back(h.teacher_layer);
+  }
+  detail::check_layer_names(where, "hint student_layer", detail::child_sites(*student_), s_names);
+  detail::check_layer_names(where, "hint teacher_layer", detail::child_sites(*teacher_), t_names);
+
+  std::map<std::string, torch::Tensor> s_features;
+  {
+    torch::NoGradGuard no_grad;
+    detail::ModesGuard modes(*student_);
+    student_->eval();
+    const auto params = student_->parameters();
+    const auto x = params.empty() ? example : example.to(params.front().device());
+    bool done = false;
+    detail::run_capturing(*student_, "", x, {s_names.begin(), s_names.end()}, s_features,
+                          /*stop_early=*/true, done);
+  }
+  const auto t_features = teacher_features(example);
+  const auto params = student_->parameters();
+  const auto device = params.empty() ? example.device() : params.front().device();
+  // Every check before the first adapter exists: a failure leaves nothing half-built.
+  for (const auto& h : hints_)
+    detail::check_feature_pair(where, h, s_features.at(h.student_layer), t_features.at(h.teacher_layer));
+  for (const auto& h : hints_) {
+    const auto& s = s_features.at(h.student_layer);
+    const auto& t = t_features.at(h.teacher_layer);
+    torch::nn::AnyModule adapter;
+    if (h.kind == HintKind::fitnet && s.size(1) != t.size(1)) {
+      if (s.dim() == 4) {
+        torch::nn::Conv2d conv(torch::nn::Conv2dOptions(s.size(1), t.size(1), 1));
+        conv->to(device, s.scalar_type());
+        adapter = torch::nn::AnyModule(conv);
+      } else {
+        torch::nn::Linear linear(s.size(1), t.size(1));
+        linear->to(device, s.scalar_type());
+        adapter = torch::nn::AnyModule(linear);
+      }
+    }
+    adapters_.push_back(std::move(adapter));
+  }
+}
+
+inline std::vector<torch::Tensor> FeatureDistillation::parameters() const {
+  std::vector<torch::Tensor> out;
+  for (const auto& a : adapters_)
+    if (!a.is_empty())
+      for (const auto& p : a.ptr()->parameters()) out.push_back(p);
+  return out;
+}
+
+inline std::vector<std::string> FeatureDistillation::student_layers() const {
+  std::vector<std::string> out;
+  for (const auto& h : hints_)
+    if (std::find(out.begin(), out.end(), h.student_layer) == out.end()) out.push_back(h.student_layer);
+  return out;
+}
+
+inline std::map<std::string, torch::Tensor> FeatureDistillation::teacher_features(
+    const torch::Tensor& x) const {
+  torch::NoGradGuard no_grad;
+  detail::ModesGuard modes(*teacher_);
+  teacher_->eval();
+  std::set<std::string> wanted;
+  for (const auto& h : hints_) wanted.insert(h.teacher_layer);
+  const auto params = teacher_->parameters();
+  const bool move = !params.empty() && params.front().device() != x.device();
+  std::map<std::string, torch::Tensor> out;
+  bool done = false;
+  detail::run_capturing(*teacher_, "", move ? x.to(params.front().device()) : x, wanted, out,
+                        /*stop_early=*/true, done);
+  if (move)
+    for (auto& [_, t] : out) t = t.to(x.device());
+  return out;
+}
+
+inline torch::Tensor FeatureDistillation::hint_loss(std::size_t i, const torch::Tensor& student,
+                                                    const torch::Tensor& teacher) const {
+  const FeatureHint& h = hints_[i];
+  detail::check_feature_pair(detail::feature_distillation_where, h, student, teacher);
+  if (h.kind == HintKind::attention) return attention_transfer_loss(student, teacher);
+  torch::nn::AnyModule adapter = adapters_[i];  // a second handle: forward is non-const
+  return fitnet_loss(adapter.is_empty() ? student : adapter.forward(student), teacher);
+}
+
+inline torch::Tensor FeatureDistillation::loss(
+    const torch::Tensor& x, const std::map<std::string, torch::Tensor>& student_features) const {
+  constexpr auto where = "fasterai::FeatureDistillation::loss";
+  for (const auto& h : hints_)
+    detail::check_argument(student_features.count(h.student_layer) != 0, where, "student_features",
+                           "a map without '" + h.student_layer + "'",
+                           "the outputs of every layer in student_layers() "
+                           "(forward_with_features(student, x, fd.student_layers()))");
+  const auto teacher = teacher_features(x);
+  torch::Tensor total;
+  for (std::size_t i = 0; i < hints_.size(); ++i) {
+    const auto term = hints_[i].weight *
+                      hint_loss(i, student_features.at(hints_[i].student_layer),
+                                teacher.at(hints_[i].teacher_layer));
+    total = total.defined() ? total + term : term;
+  }
+  return total;
+}
+
+inline void FeatureDistillation::install_taps() {
+  if (!taps_.empty()) return;
+  const auto sites = detail::child_sites(*student_);
+  std::vector<std::shared_ptr<Tap>> taps;
+  for (const auto& name : student_layers()) {
+    const auto site = std::find_if(sites.begin(), sites.end(),
+                                   [&](const detail::ChildSite& s) { return s.name == name; });
+    detail::check_argument(site != sites.end(), detail::feature_distillation_where, "student layer",
+                           "'" + name + "'", "a layer the student still has (was it replaced?)");
+    auto tap = std::make_shared<Tap>();
+    tap->site = *site;
+    taps.push_back(std::move(tap));
+  }
+  // The sites were found before any entry changed: a tapped nested Sequential's entry in its
+  // parent and the entries of its own list are distinct, so taps on both coexist.
+  for (auto& tap : taps) {
+    auto& entry = tap->site.parent->begin()[static_cast<std::ptrdiff_t>(tap->site.index)];
+    tap->original = entry;
+    tap->tap = torch::nn::AnyModule(std::make_shared<FeatureTapImpl>(entry, tap->slot));
+    entry = tap->tap;
+  }
+  taps_ = std::move(taps);
+}
+
+inline void FeatureDistillation::remove_taps() noexcept {
+  for (auto& tap : taps_) {
+    auto& entry = tap->site.parent->begin()[static_cast<std::ptrdiff_t>(tap->site.index)];
+    // An entry the user replaced since stays as the user left it.
+    if (entry.ptr() == tap->tap.ptr()) entry = tap->original;
+  }
+  taps_.clear();
+}
+
+inline void FeatureDistillation::before_fit(TrainingState& state) {
+  detail::check_argument(state.model == student_.get(), detail::feature_distillation_where,
+                         "the trained model", "another module",
+                         "the student this callback was made for");
+  install_taps();
+  const auto adapter_params = parameters();
+  if (!state.optimizer || adapter_params.empty()) return;
+  for (const auto& group : state.optimizer->param_groups())
+    for (const auto& p : group.params())
+      if (p.unsafeGetTensorImpl() == adapter_params.front().unsafeGetTensorImpl()) {
+        optimizer_ = state.optimizer;
+        return;
+      }
+  auto& groups = state.optimizer->param_groups();
+  TORCH_CHECK(!groups.empty(), "fasterai::FeatureDistillation: the optimizer has no parameter group");
+  state.optimizer->add_param_group(
+      torch::optim::OptimizerParamGroup(adapter_params, groups.front().options().clone()));
+  optimizer_ = state.optimizer;
+}
+
+inline void FeatureDistillation::before_batch(TrainingState&) {
+  // Validation on its own (Learner::validate) runs no before_fit.
+  install_taps();
+}
+
+inline void FeatureDistillation::after_loss(TrainingState& state) {
+  constexpr auto where = detail::feature_distillation_where;
+  std::map<std::string, torch::Tensor> features;
+  for (auto& tap : taps_) {
+    detail::check_argument(tap->slot->defined(), where, "student layer", "'" + tap->site.name + "'",
+                           "a layer the student's forward ran in this batch");
+    features[tap->site.name] = *tap->slot;
+    *tap->slot = torch::Tensor();  // not kept past the batch
+  }
+  state.loss = state.loss + loss(state.x, features);
+}
+
+inline void FeatureDistillation::after_fit(TrainingState&) {
+  remove_taps();
+  if (!optimizer_) return;
+  const auto adapter_params = parameters();
+  auto& groups = optimizer_->param_groups();
+  // Parameter groups cannot be assigned (erase would move them): keep copies of the others.
+  std::vector<torch::optim::OptimizerParamGroup> kept;
+  for (const auto& group : groups)
+    if (adapter_params.empty() || group.params().empty() ||
+        group.params().front().unsafeGetTensorImpl() != adapter_params.front().unsafeGetTensorImpl())
+      kept.push_back(group);
+  groups.swap(kept);
+  optimizer_ = nullptr;
+}
+
+}  // namespace fasterai
