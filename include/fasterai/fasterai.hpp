@@ -11,6 +11,7 @@
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
+#include <fasterai/deploy/compress.hpp>
 #include <fasterai/deploy/cost_model.hpp>
 #include <fasterai/deploy/load.hpp>
 #include <fasterai/deploy/optimize.hpp>
@@ -44,6 +45,7 @@
 #include <fasterai/train/knowledge_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/one_cycle.hpp>
+#include <fasterai/train/regularizer.hpp>
 #include <fasterai/train/optimizer.hpp>
 #include <fasterai/train/reporter.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
