@@ -3,7 +3,10 @@
 // stage: parameters (printed like the article), MACs and latency (median and spread over
 // repeated runs), plus the check that pruning and folding left the outputs unchanged.
 //
-//   vgg16_seed_table [--runs 5] [--threads N] [--seed 0]
+//   vgg16_seed_table [--runs 5] [--threads N] [--seed 0] [--device cpu|cuda]
+//
+// With --device cuda the same network (same seed, same input) is built on the CPU, moved to the
+// GPU and compressed there; the latency is then the GPU's (measure_latency waits for the device).
 #include <fasterai/fasterai.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>
@@ -21,6 +24,7 @@ struct Args {
   int threads = 0;  // 0: LibTorch's default
   std::uint64_t seed = 0;
   int size = 224;
+  std::string device = "cpu";
 };
 
 struct Stage {
@@ -39,13 +43,26 @@ Stage measure(const std::string& name, torch::nn::Sequential& model, const torch
       model, x, LatencyOptions().warmup(1).runs(a.runs).threads(a.threads));
   std::cout << std::fixed << std::setprecision(1) << "Latency          : " << latency.median_ms
             << " ms median (IQR " << latency.iqr_ms << " ms, " << latency.runs << " runs, "
-            << a.threads << " threads)\n";
+            << a.threads << " threads" << (a.device == "cpu" ? "" : ", " + a.device) << ")\n";
   return {name, count_parameters(model), count_macs(model, x.sizes().slice(1).vec()).total(), latency};
 }
 
-// max|new - old| / max|old| on the same input, in eval mode.
+// max|new - old| / max|old| on the same input, in eval mode. In full float32: on CUDA, cuDNN's
+// convolutions run in TF32 by default (the latency is measured that way), whose rounding alone
+// would exceed the exactness threshold below.
 double relative_change(torch::nn::Sequential& before, torch::nn::Sequential& after,
                        const torch::Tensor& x) {
+  struct NoTF32 {
+    bool cudnn = at::globalContext().allowTF32CuDNN(), cublas = at::globalContext().allowTF32CuBLAS();
+    NoTF32() {
+      at::globalContext().setAllowTF32CuDNN(false);
+      at::globalContext().setAllowTF32CuBLAS(false);
+    }
+    ~NoTF32() {
+      at::globalContext().setAllowTF32CuDNN(cudnn);
+      at::globalContext().setAllowTF32CuBLAS(cublas);
+    }
+  } const no_tf32;
   torch::NoGradGuard no_grad;
   before->eval();
   after->eval();
@@ -61,9 +78,15 @@ int main(int argc, char** argv) {
   cli.option("--runs", a.runs, "timed forward passes per stage")
       .option("--threads", a.threads, "intra-op threads for the latency (0: LibTorch's default)")
       .option("--size", a.size, "input height and width")
-      .option("--seed", a.seed, "seed of the initialization and the input");
+      .option("--seed", a.seed, "seed of the initialization and the input")
+      .option("--device", a.device, "where the network runs: cpu or cuda");
   return cli.run(argc, argv, [&] {
     using namespace fasterai;
+    if (a.device != "cpu" && a.device != "cuda")
+      throw example::usage_error("bad value '" + a.device + "' for --device (cpu or cuda)");
+    if (a.device == "cuda" && !torch::cuda::is_available())
+      throw std::runtime_error("--device cuda: this LibTorch sees no CUDA device");
+    const torch::Device device = a.device == "cuda" ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
     if (a.threads == 0) a.threads = torch::get_num_threads();
     torch::manual_seed(a.seed);
     auto original = models::vgg16_bn(10);
@@ -80,7 +103,9 @@ int main(int argc, char** argv) {
         bn->bias.normal_(0, 0.1);
       }
     }
-    const auto x = torch::randn({1, 3, a.size, a.size});
+    // Drawn on the CPU whatever the device, so that both devices see the same network and input.
+    original->to(device);
+    const auto x = torch::randn({1, 3, a.size, a.size}).to(device);
     std::vector<Stage> stages;
     stages.push_back(measure("VGG16-BN (10 classes)", original, x, a));
 

@@ -92,9 +92,14 @@ LatencyStats measure_latency(Model& model, const torch::Tensor& input,
   c10::InferenceMode inference;
   std::vector<double> times;
   times.reserve(static_cast<size_t>(options.runs()));
+  // CUDA kernels run asynchronously: without waiting for the device, a timed run would end
+  // when its kernels are queued, not done (and the next would pay for them).
+  const bool cuda = input.is_cuda();
   for (int i = 0; i < options.warmup() + options.runs(); ++i) {
+    if (cuda) torch::cuda::synchronize();
     const auto start = std::chrono::steady_clock::now();
     auto out = m.forward(input);
+    if (cuda) torch::cuda::synchronize();
     const auto stop = std::chrono::steady_clock::now();
     if (i >= options.warmup())
       times.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
