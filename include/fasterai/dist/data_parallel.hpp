@@ -43,8 +43,10 @@ struct DataParallelOptions {
   DataParallelOptions() = default;
   // Largest bucket of gradients reduced at once (DDP's default bucket_cap_mb is 25).
   TORCH_ARG(std::int64_t, bucket_bytes) = 25 * 1024 * 1024;
-  // The ranks were given the same, unsharded batches: the Learner deals them out (see
-  // ParallelContext::deal_batches). False for batches made by dist::shard.
+  // The ranks were given the same, unsharded batches (a program not written for data
+  // parallelism): they are dealt out, rank r taking batches r, r + W, ... of an order every
+  // rank draws alike, and a last round of fewer than W batches is dropped. False for batches
+  // made by dist::shard.
   TORCH_ARG(bool, deal_batches) = false;
 };
 
@@ -68,7 +70,19 @@ class DataParallel : public ParallelContext {
   std::vector<double> sum(std::vector<double> values) override {
     return group_->sum(std::move(values), "all-reduce of metrics");
   }
-  bool deal_batches() const override { return options_.deal_batches(); }
+
+  // The Learner's hooks (see fasterai/train/parallel.hpp).
+  void begin_fit(torch::nn::Module& model, std::int64_t batches_per_epoch) override;
+  void begin_epoch(int epoch) override;
+  void order_drawn(int epoch) override;
+  std::int64_t batches_per_epoch(std::int64_t batches) const override {
+    return options_.deal_batches() ? batches / world_size() : batches;
+  }
+  bool takes(std::int64_t index, std::int64_t rounds) const override {
+    if (!options_.deal_batches()) return true;
+    const auto w = world_size();
+    return index % w == rank() && (rounds < 0 || index / w < rounds);
+  }
 
   const ProcessGroup& group() const noexcept { return *group_; }
   const CommunicationStats& stats() const noexcept { return stats_; }
@@ -82,6 +96,7 @@ class DataParallel : public ParallelContext {
   CommunicationStats stats_;
   std::vector<std::vector<std::size_t>> buckets_;
   std::vector<std::int64_t> bucket_shapes_;  // numel of each parameter when buckets_ was made
+  std::uint64_t deal_seed_ = 0;               // rank 0's draw for this fit (dealt batches)
 
   void plan_buckets(const std::vector<torch::Tensor>& parameters);
   void broadcast_tensors(std::vector<torch::Tensor> tensors, const char* what);
@@ -148,6 +163,37 @@ inline void DataParallel::broadcast_model(torch::nn::Module& model) {
                                            "replicas of different sizes",
                                            "the same architecture on every rank");
   broadcast_tensors(std::move(tensors), "broadcast of the model from rank 0");
+}
+
+inline void DataParallel::begin_fit(torch::nn::Module& model, std::int64_t batches_per_epoch) {
+  // Σn² · W = (Σn)² holds exactly when every rank has the same n.
+  const auto n = static_cast<double>(batches_per_epoch);
+  const auto sums = sum({n, n * n});
+  if (sums[1] * world_size() != sums[0] * sums[0])
+    fasterai::detail::throw_argument_error("fasterai::Learner::fit", "train", batches_per_epoch,
+                                           "the same number of training batches on every rank "
+                                           "(see fasterai::dist::shard)");
+  broadcast_model(model);
+  // Dealt batches: every rank's loader must shuffle alike, so each epoch starts from a seed
+  // rank 0 draws for this fit.
+  if (options_.deal_batches())
+    deal_seed_ = static_cast<std::uint64_t>(
+        sum({rank() == 0 ? static_cast<double>(torch::randint(1 << 30, {1}, torch::kLong).item<std::int64_t>())
+                         : 0.0})[0]);
+}
+
+inline void DataParallel::begin_epoch(int epoch) {
+  if (options_.deal_batches()) torch::manual_seed(deal_seed_ + static_cast<std::uint64_t>(epoch));
+}
+
+inline void DataParallel::order_drawn(int epoch) {
+  // The loader drew its order when the pass began; from here each rank draws its own random
+  // numbers (dropout), as replicas with different seeds would. The prime spaces the ranks'
+  // seeds far apart from the epochs' consecutive ones.
+  constexpr std::uint64_t rank_stride = 1000003;
+  if (options_.deal_batches())
+    torch::manual_seed(deal_seed_ + static_cast<std::uint64_t>(epoch) +
+                       rank_stride * static_cast<std::uint64_t>(rank() + 1));
 }
 
 inline void DataParallel::broadcast_buffers(torch::nn::Module& model) {

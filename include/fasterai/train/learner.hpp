@@ -58,6 +58,7 @@
 #include <fasterai/train/callback.hpp>
 #include <fasterai/train/one_cycle.hpp>
 #include <fasterai/train/optimizer.hpp>
+#include <fasterai/train/parallel.hpp>
 #include <fasterai/train/reporter.hpp>
 
 namespace fasterai {
@@ -74,36 +75,6 @@ struct Metric {
 
 // Fraction of examples whose highest-scoring class is the target.
 inline Metric accuracy();
-
-// What a Learner needs to train data-parallel, one process per replica: every rank runs the
-// same Learner on its own shard of the data, and this averages the gradients and sums the
-// metrics. fasterai::dist::DataParallel (fasterai/dist/data_parallel.hpp) implements it over a
-// LibTorch c10d process group; the Learner itself depends on no communication library.
-class ParallelContext {
- public:
-  virtual ~ParallelContext() = default;
-  virtual int rank() const = 0;
-  virtual int world_size() const = 0;
-  // Give every rank rank 0's parameters and buffers.
-  virtual void broadcast_model(torch::nn::Module& model) = 0;
-  // Give every rank rank 0's buffers (BatchNorm statistics drift apart between shards).
-  virtual void broadcast_buffers(torch::nn::Module& model) = 0;
-  // Replace each parameter's gradient by its mean over the ranks.
-  virtual void average_gradients(const std::vector<torch::Tensor>& parameters) = 0;
-  // Element-wise sums over the ranks.
-  virtual std::vector<double> sum(std::vector<double> values) = 0;
-  // True when every rank was given the same, unsharded batches (a program not written for
-  // data parallelism): the Learner then deals them out, rank r taking batches r, r + W, ... of
-  // an order every rank draws alike, and drops a last round of fewer than W batches.
-  virtual bool deal_batches() const { return false; }
-};
-
-// The context of Learners whose options name none; set by fasterai::dist::join_launched_job
-// when a launcher started the program (as torch.distributed's default process group).
-inline std::shared_ptr<ParallelContext>& default_parallel_context() {
-  static std::shared_ptr<ParallelContext> context;
-  return context;
-}
 
 struct LearnerOptions {
   LearnerOptions() = default;
@@ -206,17 +177,10 @@ class Learner {
   bool csv_started_ = false;
   int resume_epoch_ = 0;
 
-  bool dealing() const { return options_.parallel() && options_.parallel()->deal_batches(); }
   // Training batches this rank takes per epoch.
   std::int64_t batches_per_epoch() const {
     const auto n = static_cast<std::int64_t>(train_.size());
-    return dealing() ? n / options_.parallel()->world_size() : n;
-  }
-  // Whether this rank takes the `index`-th batch of an epoch (of `limit` rounds; -1: all).
-  bool takes(std::int64_t index, std::int64_t rounds) const {
-    if (!dealing()) return true;
-    const auto w = options_.parallel()->world_size();
-    return index % w == options_.parallel()->rank() && (rounds < 0 || index / w < rounds);
+    return options_.parallel() ? options_.parallel()->batches_per_epoch(n) : n;
   }
 
   using Hyper = std::function<void(double pct_train)>;
@@ -399,25 +363,8 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
   const bool was_training = module_->is_training();
   std::vector<EpochRecord> records;
   try {
-    if (auto& parallel = options_.parallel()) {
-      // Ranks that disagree on the batches per epoch would wait on each other's all-reduces:
-      // Σn² · W = (Σn)² holds exactly when every rank has the same n.
-      const auto n = static_cast<double>(s.n_iter);
-      const auto sums = parallel->sum({n, n * n});
-      if (sums[1] * parallel->world_size() != sums[0] * sums[0])
-        detail::throw_argument_error("fasterai::Learner::fit", "train", s.n_iter,
-                                     "the same number of training batches on every rank (see "
-                                     "fasterai::dist::shard)");
-      parallel->broadcast_model(*module_);
-    }
-    // Dealt batches: every rank's loader must shuffle alike, so each epoch starts from a seed
-    // rank 0 chose for this fit.
-    double deal_seed = 0;
-    if (dealing())
-      deal_seed = options_.parallel()->sum(
-          {options_.parallel()->rank() == 0
-               ? static_cast<double>(torch::randint(1 << 30, {1}, torch::kLong).item<std::int64_t>())
-               : 0.0})[0];
+    const auto& parallel = options_.parallel();
+    if (parallel) parallel->begin_fit(*module_, s.n_iter);
     callbacks.before_fit(s);
     report.header();
     detail::SmoothLoss smooth;
@@ -429,15 +376,11 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
       module_->train();
       report.new_epoch();
       callbacks.before_epoch(s);
-      if (dealing()) torch::manual_seed(static_cast<std::uint64_t>(deal_seed) + static_cast<std::uint64_t>(epoch));
+      if (parallel) parallel->begin_epoch(epoch);
       std::int64_t index = 0;
       train_.for_each([&](const torch::data::Example<>& batch) {
-        // The loader drew its order when the pass began; from here each rank draws its own
-        // random numbers (dropout), as replicas with different seeds would.
-        if (index == 0 && dealing())
-          torch::manual_seed(static_cast<std::uint64_t>(deal_seed) + static_cast<std::uint64_t>(epoch) +
-                             1000003ull * static_cast<std::uint64_t>(options_.parallel()->rank() + 1));
-        if (!takes(index++, s.n_iter)) return;
+        if (index == 0 && parallel) parallel->order_drawn(epoch);
+        if (parallel && !parallel->takes(index++, s.n_iter)) return;
         train_batch(batch, callbacks, schedule);
         smooth.add(s.loss.item<double>());
         callbacks.after_batch(s);
@@ -453,8 +396,7 @@ inline std::vector<EpochRecord> Learner::run_fit(int epochs, const Hyper& schedu
       record.train_loss = smooth.value();
       // The smoothed loss is linear in the per-batch losses, so the mean of the ranks' values
       // is the smoothed loss of the global batches' mean losses.
-      if (auto& parallel = options_.parallel())
-        record.train_loss = parallel->sum({record.train_loss})[0] / parallel->world_size();
+      if (parallel) record.train_loss = parallel->mean(record.train_loss);
       if (!valid_.empty()) {
         const auto valid_start = std::chrono::steady_clock::now();
         const auto total = static_cast<std::int64_t>(valid_.size());
@@ -545,7 +487,7 @@ inline ValidationResult Learner::run_validation(const data::Batches& data, Callb
   std::vector<double> metric_sums(metrics.size(), 0.0);
   std::int64_t count = 0, index = 0;
   data.for_each([&](const torch::data::Example<>& batch) {
-    if (!takes(index++, -1)) return;
+    if (parallel && !parallel->takes(index++, -1)) return;
     predict(batch, callbacks);
     const std::int64_t n = s.x.dim() > 0 ? s.x.size(0) : 1;
     loss_sum += s.loss.item<double>() * double(n);
