@@ -174,3 +174,93 @@ TEST_CASE("a Sparsifier with L2, LAMP or FPGM prunes what the criterion says", "
     CHECK(lamp.name() == "Filter/Global/LAMP/OneShot");
   }
 }
+
+TEST_CASE("SecondOrderTaylor: w² times the squared gradients summed over the batches scored",
+          "[criteria]") {
+  const auto w = torch::tensor({1.0f, -2.0f, 3.0f});
+  auto state = c::SecondOrderTaylor::init(w, 0);
+  CHECK(state.equal(torch::zeros({3})));
+  // batch 1: g = [1, 1, 0] -> Σg² = [1, 1, 0]; score w²·Σg² = [1, 4, 0]
+  CHECK(c::SecondOrderTaylor::score(w, torch::tensor({1.0f, 1.0f, 0.0f}), state).equal(torch::tensor({1.0f, 4.0f, 0.0f})));
+  // batch 2: g = [0, -1, 2] -> Σg² = [1, 2, 4]; score = [1, 8, 36]
+  CHECK(c::SecondOrderTaylor::score(w, torch::tensor({0.0f, -1.0f, 2.0f}), state).equal(torch::tensor({1.0f, 8.0f, 36.0f})));
+  CHECK(state.equal(torch::tensor({1.0f, 2.0f, 4.0f})));
+  // The weight is read as it is now: a weight that moved to 0 scores 0 whatever its history.
+  CHECK(c::SecondOrderTaylor::score(torch::tensor({0.0f, 1.0f, 1.0f}), torch::zeros({3}), state)
+            .equal(torch::tensor({0.0f, 2.0f, 4.0f})));
+}
+
+TEST_CASE("a Sparsifier with SecondOrderTaylor accumulates over its steps; Taylor sees one batch",
+          "[criteria][sparsifier]") {
+  // Filters [1, 1], [1, 1], [1, 1]: equal weights, so the gradients alone decide. Batch 1 gives
+  // the first filter the largest gradient, batch 2 the second; summed, the third is the least
+  // important, while the last batch alone (what Taylor sees) makes the first one the least.
+  auto model = two_convs(torch::ones({6}));
+  auto& w = model[0]->as<nn::Conv2d>()->weight;
+  auto set_grad = [&](std::vector<float> per_filter) {
+    w.mutable_grad() = torch::tensor(per_filter).reshape({3, 1, 1, 1}).expand({3, 1, 1, 2}).contiguous();
+  };
+  Sparsifier<g::Filter, m::Local, c::SecondOrderTaylor, schedule::Linear> second(
+      model, SparsifierOptions(34).include({"0"}));
+  set_grad({3, 1, 0.5});
+  second.step(0.0);  // scores batch 1, prunes nothing yet
+  set_grad({0, 2, 0.5});
+  second.step(1.0);  // Σg² per weight: [9, 5, 0.5]
+  CHECK(pruned_filters(second.mask("0")) == std::vector<bool>{false, false, true});
+
+  auto other = two_convs(torch::ones({6}));
+  auto& v = other[0]->as<nn::Conv2d>()->weight;
+  v.mutable_grad() = torch::tensor({0.0f, 2.0f, 0.5f}).reshape({3, 1, 1, 1}).expand({3, 1, 1, 2}).contiguous();
+  Sparsifier<g::Filter, m::Local, c::Taylor> taylor(other, SparsifierOptions().include({"0"}));
+  taylor.prune(34);
+  CHECK(pruned_filters(taylor.mask("0")) == std::vector<bool>{true, false, false});
+  CHECK(second.name() == "Filter/Local/SecondOrderTaylor/Linear");
+}
+
+TEST_CASE("BNScale: a channel scores the |γ| of the norm reading it, summed over a coupled unit",
+          "[criteria][sparsifier]") {
+  // conv(1→4) → BN(4) → ReLU → conv(4→2): the filters' norms say filter 0 is the least
+  // important, the BatchNorm's γ says filter 2.
+  auto make = [] {
+    nn::Sequential model(nn::Conv2d(nn::Conv2dOptions(1, 4, 1)), nn::BatchNorm2d(4), nn::ReLU(),
+                         nn::Conv2d(nn::Conv2dOptions(4, 2, 1)));
+    torch::NoGradGuard no_grad;
+    model[0]->as<nn::Conv2d>()->weight.copy_(torch::tensor({0.1f, 1.0f, 2.0f, 3.0f}).reshape({4, 1, 1, 1}));
+    model[1]->as<nn::BatchNorm2d>()->weight.copy_(torch::tensor({1.0f, -0.5f, 0.25f, 2.0f}));
+    return model;
+  };
+  auto model = make();
+  Sparsifier<g::Filter, m::Local, c::BNScale> slim(model, SparsifierOptions().include({"0"}));
+  slim.prune(50);  // two of four: |γ| = [1, 0.5, 0.25, 2] -> channels 2 and 1
+  CHECK(pruned_filters(slim.mask("0")) == std::vector<bool>{false, true, true, false});
+  // Pruning a channel zeroes its γ and β too, as for every criterion with Filter granularity.
+  CHECK(model[1]->as<nn::BatchNorm2d>()->weight.equal(torch::tensor({1.0f, 0.0f, 0.0f, 2.0f})));
+  auto plain = make();
+  Sparsifier<g::Filter, m::Local, c::L1> l1(plain, SparsifierOptions().include({"0"}));
+  l1.prune(50);
+  CHECK(pruned_filters(l1.mask("0")) == std::vector<bool>{true, true, false, false});
+
+  // Global over two layers with normalize(false) is network slimming's one threshold on |γ|.
+  nn::Sequential two(nn::Conv2d(nn::Conv2dOptions(1, 2, 1)), nn::BatchNorm2d(2), nn::ReLU(),
+                     nn::Conv2d(nn::Conv2dOptions(2, 2, 1)), nn::BatchNorm2d(2), nn::ReLU(),
+                     nn::Conv2d(nn::Conv2dOptions(2, 1, 1)));
+  {
+    torch::NoGradGuard no_grad;
+    two[1]->as<nn::BatchNorm2d>()->weight.copy_(torch::tensor({0.1f, 0.4f}));
+    two[4]->as<nn::BatchNorm2d>()->weight.copy_(torch::tensor({5.0f, 0.3f}));
+  }
+  Sparsifier<g::Filter, m::Global, c::BNScale> global(two, SparsifierOptions().include({"0", "3"}).normalize(false));
+  global.prune(50);  // two of four units: the lowest |γ|, 0.1 and 0.3, one in each layer
+  CHECK(pruned_filters(global.mask("0")) == std::vector<bool>{true, false});
+  CHECK(pruned_filters(global.mask("3")) == std::vector<bool>{false, true});
+}
+
+TEST_CASE("BNScale refuses a layer whose channels no norm reads, the model untouched", "[criteria][sparsifier]") {
+  auto model = two_convs(torch::tensor({1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f}));
+  const auto before = model[0]->as<nn::Conv2d>()->weight.clone();
+  using Slim = Sparsifier<g::Filter, m::Local, c::BNScale>;
+  CHECK_THROWS_WITH(Slim(model, SparsifierOptions().include({"0"})),
+                    Catch::Contains("criteria") && Catch::Contains("BNScale") && Catch::Contains("layer '0'") &&
+                        Catch::Contains("BatchNorm"));
+  CHECK(model[0]->as<nn::Conv2d>()->weight.equal(before));
+}

@@ -8,6 +8,17 @@
 //   Movement  |w| - |w0|          weights moving toward zero during fine-tuning go first;
 //                                 w0 is recorded when the sparsifier is created
 //   Random    uniform, seeded     a baseline: any criterion worth using must beat it
+//   SecondOrderTaylor  w² · Σ_b g_b²   Hessian-free second-order estimate: Optimal Brain
+//                                 Damage's saliency ½·H_ii·w² (LeCun et al. 1990) with the
+//                                 Hessian's diagonal replaced by the empirical Fisher, the
+//                                 squared gradients summed over the batches the sparsifier has
+//                                 scored (Theis et al. 2018, "Faster gaze prediction with dense
+//                                 networks and Fisher pruning"); the constant ½ and the batch
+//                                 count do not change the ranking and are left out
+//   BNScale   |γ|                 network slimming (Liu et al. 2017): a channel scores the
+//                                 |γ| of the BatchNorm that normalises it, summed over the
+//                                 norms of a coupled unit; Filter granularity only, and every
+//                                 selected layer's channels must reach such a norm
 //
 // From the structural-pruning literature; each scores the groups of the granularity it is
 // given (the same as the sparsifier's), because its score is a function of the whole group:
@@ -67,6 +78,38 @@ struct Movement {
   static torch::Tensor score(const torch::Tensor& w, const torch::Tensor&,
                              const torch::Tensor& initial_abs) {
     return w.abs() - initial_abs;
+  }
+};
+
+// The squared gradients are summed into the per-layer state each time the sparsifier scores
+// (every step(), once per training batch under SparsifyCallback; prune() scores once), so call
+// it once per backward(): a second call on the same gradients counts that batch twice. The
+// current weight multiplies the sum, so a weight that moved scores by where it is now.
+struct SecondOrderTaylor {
+  static constexpr std::string_view name() { return "SecondOrderTaylor"; }
+  static constexpr bool needs_gradients = true;
+  static torch::Tensor init(const torch::Tensor& w, std::uint64_t) {
+    return torch::zeros(w.sizes(), w.options().dtype(torch::kFloat32).requires_grad(false));
+  }
+  static torch::Tensor score(const torch::Tensor& w, const torch::Tensor& grad,
+                             const torch::Tensor& squared_gradients) {
+    // The state is the sparsifier's own tensor: adding in place is what accumulates it.
+    auto sum = squared_gradients;
+    sum.add_(grad.to(sum.device()).square());
+    return w.square() * sum;
+  }
+};
+
+// The sparsifier scores each channel by the |γ| of the norms its unit reaches (it knows them from
+// the channel graph); the per-weight score below is never used for selection, it only meets the
+// criteria concept. `scores_norms` is what tells the sparsifier.
+struct BNScale {
+  static constexpr std::string_view name() { return "BNScale"; }
+  static constexpr bool needs_gradients = false;
+  static constexpr bool scores_norms = true;
+  static torch::Tensor init(const torch::Tensor&, std::uint64_t) { return {}; }
+  static torch::Tensor score(const torch::Tensor& w, const torch::Tensor&, const torch::Tensor&) {
+    return torch::zeros(w.sizes(), w.options().dtype(torch::kFloat32));
   }
 };
 
