@@ -22,8 +22,10 @@ namespace fasterai {
 struct SparsifierSpec {
   std::string granularity = "filter";  // weight | vector | kernel | filter | 2:4
   std::string method = "local";        // local | global
-  std::string criteria = "l1";         // l1 | taylor | movement | random
-  std::string schedule = "one_shot";   // one_shot | linear | cos | gradual | iterative:<n> | constant
+  std::string criteria = "l1";         // l1 | taylor | movement | random | l2 | lamp | fpgm |
+                                       // second_order_taylor | bn_scale (filter only)
+  std::string schedule = "one_shot";   // one_shot | linear | cos | gradual | iterative:<n> |
+                                       // constant | dsd | one_cycle
 };
 
 namespace schedule {
@@ -48,9 +50,10 @@ struct type_tag {
 
 inline constexpr auto valid_granularities = "one of weight, vector, kernel, filter, 2:4";
 inline constexpr auto valid_methods = "one of local, global";
-inline constexpr auto valid_criteria = "one of l1, taylor, movement, random";
+inline constexpr auto valid_criteria =
+    "one of l1, taylor, movement, random, l2, lamp, fpgm, second_order_taylor, bn_scale";
 inline constexpr auto valid_schedules =
-    "one of one_shot, linear, cos, gradual, iterative:<steps>, constant";
+    "one of one_shot, linear, cos, gradual, iterative:<steps>, constant, dsd, one_cycle";
 
 inline schedule::Runtime runtime_schedule(const std::string& name) {
   constexpr auto where = "fasterai::make_sparsifier";
@@ -59,6 +62,8 @@ inline schedule::Runtime runtime_schedule(const std::string& name) {
   if (name == "cos") return {"Cos", schedule::Cos{}};
   if (name == "gradual") return {"Gradual", schedule::Gradual{}};
   if (name == "constant") return {"Constant", schedule::Constant{}, true};
+  if (name == "dsd") return {"DSD", schedule::DSD{}};
+  if (name == "one_cycle") return {"OneCycle", schedule::OneCycle{}};
   if (name.starts_with("iterative:")) {
     int steps = 0;
     const auto digits = std::string_view(name).substr(10);
@@ -87,12 +92,19 @@ auto with_method(const std::string& name, F&& f) {
   throw_argument_error("fasterai::make_sparsifier", "method", name, valid_methods);
 }
 
-template <class F>
+// The criteria that score whole groups (L2, LAMP) are instantiated with the granularity G
+// chosen at run time, as the sparsifier's own.
+template <class G, class F>
 auto with_criteria(const std::string& name, F&& f) {
   if (name == "l1") return f(type_tag<criteria::L1>{});
   if (name == "taylor") return f(type_tag<criteria::Taylor>{});
   if (name == "movement") return f(type_tag<criteria::Movement>{});
   if (name == "random") return f(type_tag<criteria::Random>{});
+  if (name == "l2") return f(type_tag<criteria::L2<G>>{});
+  if (name == "lamp") return f(type_tag<criteria::LAMP<G>>{});
+  if (name == "fpgm") return f(type_tag<criteria::FPGM>{});
+  if (name == "second_order_taylor") return f(type_tag<criteria::SecondOrderTaylor>{});
+  if (name == "bn_scale") return f(type_tag<criteria::BNScale>{});
   throw_argument_error("fasterai::make_sparsifier", "criteria", name, valid_criteria);
 }
 
@@ -106,10 +118,17 @@ std::unique_ptr<SparsifierInterface> make_sparsifier(const Model& model, const S
   using Result = std::unique_ptr<SparsifierInterface>;
   return detail::with_granularity(spec.granularity, [&](auto g) -> Result {
     return detail::with_method(spec.method, [&](auto m) -> Result {
-      return detail::with_criteria(spec.criteria, [&](auto c) -> Result {
-        using S = Sparsifier<typename decltype(g)::type, typename decltype(m)::type,
-                             typename decltype(c)::type, schedule::Runtime>;
-        return std::make_unique<S>(model, options, sched);
+      using G = typename decltype(g)::type;
+      return detail::with_criteria<G>(spec.criteria, [&](auto c) -> Result {
+        using C = typename decltype(c)::type;
+        if constexpr (detail::scores_norms<C>() && !G::whole_channel) {
+          detail::throw_argument_error("fasterai::make_sparsifier", "criteria", spec.criteria,
+                                       detail::concat("a criterion defined for granularity ", spec.granularity,
+                                                      " (bn_scale scores whole channels: granularity filter)"));
+        } else {
+          using S = Sparsifier<G, typename decltype(m)::type, C, schedule::Runtime>;
+          return std::make_unique<S>(model, options, sched);
+        }
       });
     });
   });
