@@ -114,6 +114,9 @@ inline quant::ConvGeometry geometry_of(const torch::nn::Conv2dImpl& conv) {
 
 }  // namespace detail
 
+template <quant::observer Observer>
+class QuantizationAwareTraining;
+
 template <quant::observer Observer = quant::MinMaxObserver>
 class Calibrator {
  public:
@@ -144,8 +147,15 @@ class Calibrator {
   // The int8 model, in eval mode. Throws fasterai::argument_error, changing nothing, when no
   // batch was observed or an observed activation was not finite.
   torch::nn::Sequential convert() const;
+  // The int8 model with `activations` (one map per observer, in the order observe() fills
+  // them) in place of the calibrated maps: quantization-aware training (qat.hpp) learns them
+  // while fine-tuning and converts here. Needs no observed batch.
+  torch::nn::Sequential convert(const std::vector<quant::QuantParams>& activations) const;
 
  private:
+  // Builds its fake-quantized model from this plan (steps_, leaves_, observers_).
+  friend class QuantizationAwareTraining<Observer>;
+
   StaticQuantOptions options_;
   torch::nn::Sequential folded_;
   FoldReport fold_report_;
@@ -253,17 +263,26 @@ void Calibrator<Observer>::observe(const data::Batches& data, std::size_t max_ba
 
 template <quant::observer Observer>
 torch::nn::Sequential Calibrator<Observer>::convert() const {
-  using detail::QuantStep;
   constexpr auto where = "fasterai::Calibrator::convert";
   detail::check_argument(batches_ > 0, where, "batches observed", batches_,
                          "at least one calibration batch (call observe(...) first)");
   std::vector<quant::QuantParams> params;
-  for (std::size_t k = 0; k < observers_.size(); ++k) {
-    const quant::QuantParams p = observers_[k].params();
+  for (const auto& observer : observers_) params.push_back(observer.params());
+  return convert(params);
+}
+
+template <quant::observer Observer>
+torch::nn::Sequential Calibrator<Observer>::convert(const std::vector<quant::QuantParams>& params) const {
+  using detail::QuantStep;
+  constexpr auto where = "fasterai::Calibrator::convert";
+  detail::check_argument(params.size() == observers_.size(), where, "activations",
+                         std::to_string(params.size()) + " maps",
+                         std::to_string(observers_.size()) + ", one per observed activation");
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    const quant::QuantParams& p = params[k];
     detail::check_argument(std::isfinite(p.scale) && p.scale > 0, where, "activation at '" + observed_at_[k] + "'",
                            "scale " + std::to_string(p.scale),
                            "finite activations (the model or the batches hold NaN or infinity)");
-    params.push_back(p);
   }
   const auto param = [&](int k) { return params[static_cast<std::size_t>(k)]; };
   std::map<std::string, std::size_t> index;
