@@ -28,6 +28,7 @@
 #include <fasterai/quant/calibrator.hpp>
 #include <fasterai/quant/engine.hpp>
 #include <fasterai/quant/observer.hpp>
+#include <fasterai/quant/qat.hpp>
 #include <fasterai/quant/quantize_dynamic.hpp>
 #include <fasterai/quant/quantized_layers.hpp>
 #include <fasterai/quant/traced_calibrator.hpp>
@@ -42,6 +43,7 @@
 #include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/sparse/sparsifier_interface.hpp>
 #include <fasterai/train/callback.hpp>
+#include <fasterai/train/feature_distillation.hpp>
 #include <fasterai/train/knowledge_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/one_cycle.hpp>

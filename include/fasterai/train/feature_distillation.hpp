@@ -56,11 +56,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -286,7 +288,7 @@ inline void check_feature_pair(const char* where, const FeatureHint& h, const to
     return;
   }
   bool fits = s.dim() == t.dim() && s.dim() >= 2 && s.size(0) == t.size(0);
-  for (int64_t d = 2; fits && d < s.dim(); ++d) fits = s.size(d) == t.size(d);
+  for (std::int64_t d = 2; fits && d < s.dim(); ++d) fits = s.size(d) == t.size(d);
   check_argument(fits, where, "FitNet hint", value,
                  "features of equal rank, batch and spatial sizes (an adapter maps only the "
                  "channel dimension)");
