@@ -16,17 +16,22 @@
 // model.eval(), x))), called under torch.inference_mode(). The result works for inputs of the example's shape; other shapes may run
 // slower or, where the trace captured a shape, fail.
 //
-// Never slower than eager: then, by default, the result times itself against the model's own
-// forward on the example — an eval-mode copy of the model (BatchNorms folded for Sequential-like
-// models, as step 2 does), interleaved rounds of a few runs each after warm-up, medians at the
-// current thread count — and keeps the faster; report() says which path it runs and both
-// medians. Step 5 does not pay on every model: oneDNN reorders activations into its blocked
-// layouts and back around every convolution it runs, a fixed cost per layer that a small network,
-// or one whose pruned widths are not multiples of oneDNN's blocks of 8 or 16 channels, does not
-// earn back, while on a large unpruned one the prepacked convolutions win (docs/results.md,
-// "Deployment latency"). Whether it pays depends on the machine and the load too, so it is
-// measured where the model is optimized rather than predicted. A module that is not a
-// torch::nn::Cloneable cannot be copied for the eager path; its measurement is against the
+// Never slower than eager. By default the result times its optimized module against the model's
+// own forward on the example — an eval-mode copy of the model (BatchNorms folded for
+// Sequential-like models, as step 2 does) — in interleaved rounds after warm-up, at the current
+// thread count, and keeps the faster; report() says which path it runs and what it measured.
+// Step 5 does not pay on every model. Measured on the walkthrough's compact VGG (benchmarks/
+// inference_path.cpp, docs/results.md "Optimized or eager"): unpruned, step 5 is faster than
+// eager; pruned to 2.2 M MACs it is slower, and it stays slower when round_to 8 makes every width
+// a multiple of 8, so odd widths are not the cause. The frozen module with step 5's fusions but
+// without its oneDNN conversion (ConvertFrozenOpsToMKLDNN) is as fast as the frozen one: the
+// conversion is what makes step 5 slower than freezing alone there, and freezing alone is no
+// faster than eager (the interpreter's costs). On a network this small (2.2 M MACs)
+// such fixed costs per op (oneDNN's layout reorders and primitive calls, the interpreter's
+// dispatch) outweigh what prepacked kernels save on the arithmetic. On ResNet-50 and
+// MobileNetV2, pruned or not, step 5 wins. Where the line falls depends on the machine and its
+// load, so it is measured where the model is optimized rather than predicted. A module that is
+// not a torch::nn::Cloneable cannot be copied for the eager path; it is measured against the
 // frozen module before step 5. OptimizeOptions().choose_by_measurement(false).path(...) forces
 // a path (reproducible results, tests).
 
@@ -81,8 +86,8 @@ struct OptimizeOptions {
   // The path forced when choose_by_measurement is off: optimized or eager.
   TORCH_ARG(InferencePath, path) = InferencePath::optimized;
   // The measurement: `rounds` interleaved rounds (the two paths alternate which goes first), each
-  // one warm-up call then the median of `runs` timed calls per path; the paths' medians over
-  // the rounds are compared. 5 × (1 + 3) forwards per path by default.
+  // one warm-up call then the median of `runs` timed calls per path; the median over the rounds
+  // of their ratio decides. 5 × (1 + 3) forwards per path by default.
   TORCH_ARG(int, rounds) = 5;
   TORCH_ARG(int, runs) = 3;
 };
@@ -95,11 +100,14 @@ struct OptimizeReport {
   bool optimized = false;
   InferencePath path = InferencePath::optimized;  // what forward runs
   // Set when the paths were timed: the optimized module's median and the alternative's
-  // (eager or frozen), in ms, at `threads` intra-op threads. Otherwise both 0.
+  // (eager or frozen), in ms, at `threads` intra-op threads, and the median over the rounds of
+  // alternative / optimized within a round, which decides (< 1: the alternative runs).
+  // Otherwise all 0.
   bool measured = false;
   InferencePath alternative = InferencePath::eager;
   double optimized_ms = 0;
   double alternative_ms = 0;
+  double ratio = 0;
   int threads = 0;
 };
 
@@ -108,7 +116,8 @@ inline std::ostream& operator<<(std::ostream& out, const OptimizeReport& r) {
   out << r.path;
   if (!r.measured) return out << " (not measured)";
   return out << " (measured: optimized " << r.optimized_ms << " ms, " << r.alternative << " "
-             << r.alternative_ms << " ms at " << r.threads << (r.threads == 1 ? " thread)" : " threads)");
+             << r.alternative_ms << " ms, ratio " << r.ratio << ", at " << r.threads
+             << (r.threads == 1 ? " thread)" : " threads)");
 }
 
 // A TorchScript module behind a module interface: `forward(x)` runs it, so the latency harness
@@ -207,12 +216,17 @@ struct PathForward : torch::nn::Module {
   InferencePath path;
 };
 
-// Medians (ms) of the optimized path and `alternative` over interleaved rounds.
-inline std::pair<double, double> time_paths(InferenceModelImpl& model, InferencePath alternative,
-                                            const torch::Tensor& x, const OptimizeOptions& options) {
+struct PathTimes {
+  double optimized_ms, alternative_ms;  // medians over the rounds
+  double ratio;                         // median over the rounds of alternative / optimized
+};
+
+// The optimized path against `alternative`, interleaved round by round.
+inline PathTimes time_paths(InferenceModelImpl& model, InferencePath alternative, const torch::Tensor& x,
+                            const OptimizeOptions& options) {
   PathForward optimized(model, InferencePath::optimized), other(model, alternative);
   const auto latency = LatencyOptions().warmup(1).runs(options.runs()).threads(torch::get_num_threads());
-  std::vector<double> a, b;
+  std::vector<double> a, b, ratios;
   for (int round = 0; round < options.rounds(); ++round) {
     // Alternate which path goes first, so that neither always runs on the caches the other
     // left or always first after a pause of the machine.
@@ -223,10 +237,15 @@ inline std::pair<double, double> time_paths(InferenceModelImpl& model, Inference
       b.push_back(measure_latency(other, x, latency).median_ms);
       a.push_back(measure_latency(optimized, x, latency).median_ms);
     }
+    ratios.push_back(b.back() / a.back());
   }
-  std::sort(a.begin(), a.end());
-  std::sort(b.begin(), b.end());
-  return {quantile_sorted(a, 0.5), quantile_sorted(b, 0.5)};
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return quantile_sorted(v, 0.5);
+  };
+  // The decision compares the paths within each round, where they met the same load: on a
+  // shared machine a slow phase moves both medians of a round, not their ratio.
+  return {median(a), median(b), median(ratios)};
 }
 
 }  // namespace detail
@@ -311,12 +330,14 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
     report.alternative = eager ? InferencePath::eager : InferencePath::frozen;
     if (!eager)  // the frozen module's plan too, before it is timed
       for (int i = 0; i < 2; ++i) result->run(InferencePath::frozen, example_input);
-    std::tie(report.optimized_ms, report.alternative_ms) =
-        detail::time_paths(*result, report.alternative, example_input, options);
+    const detail::PathTimes times = detail::time_paths(*result, report.alternative, example_input, options);
+    report.optimized_ms = times.optimized_ms;
+    report.alternative_ms = times.alternative_ms;
+    report.ratio = times.ratio;
     report.measured = true;
     report.threads = torch::get_num_threads();
     // Strictly faster: a tie keeps the optimized module, the path users asked for.
-    if (report.alternative_ms < report.optimized_ms) report.path = report.alternative;
+    if (report.ratio < 1) report.path = report.alternative;
     // Only the chosen path is kept: the eager copy's tensors go when the optimized one won.
     if (report.path != InferencePath::eager) eager = {};
     result = InferenceModel(exported, portable, report, eager);
