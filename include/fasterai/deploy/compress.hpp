@@ -259,7 +259,8 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
   {
     torch::NoGradGuard no_grad;
     const double scale = masked.abs().max().item<double>();
-    const double largest = (copy->forward(example) - masked).abs().max().item<double>();
+    const torch::Tensor compressed = copy->forward(example);
+    const double largest = (compressed - masked).abs().max().item<double>();
     report.max_difference = scale > 0 ? largest / scale : largest;
   }
   report.parameters_after = count_parameters(copy);
