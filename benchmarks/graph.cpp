@@ -22,6 +22,7 @@
 
 #include <fasterai/core/latency.hpp>
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/trace.hpp>
 #include <fasterai/models/resnet.hpp>
 #include <fasterai/sparse/sparsifier.hpp>

@@ -23,6 +23,7 @@
 
 #include "benchmark_models.hpp"
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/sparse/sparsifier.hpp>

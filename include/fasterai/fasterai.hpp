@@ -4,9 +4,7 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/latency.hpp>
-#include <fasterai/core/layer_walk.hpp>
 #include <fasterai/core/sequential.hpp>
-#include <fasterai/io/state_dict.hpp>
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
@@ -18,9 +16,13 @@
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/graph/autograd_ops.hpp>
 #include <fasterai/graph/graph.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/removal.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
+#include <fasterai/io/state_dict.hpp>
+#include <fasterai/layers/layer_walk.hpp>
+#include <fasterai/layers/sparsity_report.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>
@@ -47,8 +49,8 @@
 #include <fasterai/train/knowledge_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 #include <fasterai/train/one_cycle.hpp>
-#include <fasterai/train/regularizer.hpp>
 #include <fasterai/train/optimizer.hpp>
+#include <fasterai/train/regularizer.hpp>
 #include <fasterai/train/reporter.hpp>
 #include <fasterai/train/sparsify_callback.hpp>
 #include <fasterai/transform/bn_folder.hpp>

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/resnet.hpp>
 

@@ -7,7 +7,7 @@
 #include <sstream>
 
 #include <fasterai/core/latency.hpp>
-#include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/models/compact_vgg.hpp>
 #include <fasterai/models/vgg.hpp>
 #include <fasterai/core/libtorch_version.hpp>

@@ -3,7 +3,7 @@
 #include <range/v3/range/conversion.hpp>
 #include <range/v3/view/transform.hpp>
 
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/models/vgg.hpp>
 
 namespace nn = torch::nn;

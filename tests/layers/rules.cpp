@@ -7,7 +7,7 @@
 
 #include <torch/torch.h>
 
-#include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/trace.hpp>
 #include <fasterai/layers/registry.hpp>
 #include <fasterai/transform/pruner.hpp>

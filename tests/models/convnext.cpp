@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/io/state_dict.hpp>
 #include <fasterai/models/convnext.hpp>
 #include <fasterai/transform/pruner.hpp>

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/trace.hpp>
 #include <fasterai/deploy/load.hpp>
 #include <fasterai/io/state_dict.hpp>

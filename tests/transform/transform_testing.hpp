@@ -12,7 +12,7 @@
 
 #include <torch/torch.h>
 
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/layers/rule.hpp>
 

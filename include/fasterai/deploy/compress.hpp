@@ -53,6 +53,7 @@
 #include <fasterai/core/latency.hpp>
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/quant/traced_calibrator.hpp>

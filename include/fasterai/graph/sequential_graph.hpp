@@ -14,7 +14,7 @@
 #include <torch/torch.h>
 
 #include <fasterai/core/concepts.hpp>
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/layers/registry.hpp>
 

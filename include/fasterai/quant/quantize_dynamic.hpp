@@ -28,7 +28,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/quant/engine.hpp>
 #include <fasterai/quant/observer.hpp>
 #include <fasterai/quant/quantized_layers.hpp>

@@ -52,8 +52,8 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
-#include <fasterai/core/layer_walk.hpp>
-#include <fasterai/core/statistics.hpp>
+#include <fasterai/layers/layer_walk.hpp>
+#include <fasterai/layers/sparsity_report.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/graph/removal.hpp>
 #include <fasterai/graph/sequential_graph.hpp>

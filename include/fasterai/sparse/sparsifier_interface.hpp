@@ -12,7 +12,7 @@
 
 #include <string>
 
-#include <fasterai/core/statistics.hpp>
+#include <fasterai/layers/sparsity_report.hpp>
 
 namespace fasterai {
 

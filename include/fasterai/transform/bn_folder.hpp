@@ -33,7 +33,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>

@@ -35,7 +35,7 @@
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/core/libtorch_version.hpp>
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/transform/rebuild.hpp>

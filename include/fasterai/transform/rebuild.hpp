@@ -13,7 +13,7 @@
 #include <torch/torch.h>
 
 #include <fasterai/core/concepts.hpp>
-#include <fasterai/core/layer_walk.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/core/sequential.hpp>
 
 namespace fasterai::detail {
