@@ -16,6 +16,7 @@
 #include <iomanip>
 #include <iostream>
 
+#include "common/accuracy.hpp"
 #include "common/cli.hpp"
 
 namespace {
@@ -34,18 +35,7 @@ struct Args {
   std::uint64_t seed = 42;
 };
 
-// Test accuracy computed here, for fp32 and int8 models alike (an int8 model has no
-// parameters for a Learner to train).
-double accuracy(torch::nn::Sequential model, const data::Batches& test) {
-  c10::InferenceMode inference;
-  model->eval();
-  std::int64_t correct = 0, total = 0;
-  test.for_each([&](const torch::data::Example<>& batch) {
-    correct += model->forward(batch.data).argmax(-1).eq(batch.target).sum().item<std::int64_t>();
-    total += batch.target.size(0);
-  });
-  return double(correct) / double(total);
-}
+using example::accuracy;
 
 }  // namespace
 
