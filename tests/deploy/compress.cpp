@@ -1,6 +1,7 @@
 #include <fasterai/deploy/compress.hpp>
 
 #include "catch.hpp"
+#include "deploy_testing.hpp"
 #include <torch/script.h>
 
 #include <filesystem>
@@ -18,23 +19,9 @@ using namespace fasterai;
 
 namespace {
 
-// Running statistics away from (0, 1), as after training, so that folding has work to do.
-void trained_looking(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& m : model.modules()) {
-    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
-      const auto n = bn->options.num_features();
-      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
-      bn->bias.copy_(0.3 * torch::randn({n}));
-      bn->running_mean.copy_(0.5 * torch::randn({n}));
-      bn->running_var.copy_(0.5 + torch::rand({n}));
-    }
-  }
-}
+using fasterai::testing::relative_difference;
+using fasterai::testing::trained_looking;
 
-double relative_difference(const torch::Tensor& a, const torch::Tensor& b) {
-  return ((a - b).abs().max() / b.abs().max()).item<double>();
-}
 
 // Options that keep a test quick: two batch sizes, few runs, a short measurement.
 CompressOptions quick() {

@@ -2,6 +2,7 @@
 #include <fasterai/deploy/cost_model.hpp>
 
 #include "catch.hpp"
+#include "deploy_testing.hpp"
 #include <torch/script.h>
 
 #include <sstream>
@@ -19,6 +20,9 @@
 using namespace fasterai;
 
 namespace {
+
+using fasterai::testing::relative_difference;
+using fasterai::testing::trained_looking;
 
 struct SmallResidualImpl : torch::nn::Module {
   torch::nn::Conv2d conv1{torch::nn::Conv2dOptions(3, 6, 3).padding(1).bias(false)};
@@ -62,25 +66,8 @@ struct CloneableResidualImpl : torch::nn::Cloneable<CloneableResidualImpl> {
 };
 TORCH_MODULE(CloneableResidual);
 
-// Running statistics away from (0, 1), as after training, so that folding has work to do.
-void trained_looking(torch::nn::Module& model) {
-  torch::NoGradGuard no_grad;
-  for (auto& m : model.modules()) {
-    if (auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) {
-      const auto n = bn->options.num_features();
-      bn->weight.copy_(1.0 + 0.3 * torch::randn({n}));
-      bn->bias.copy_(0.3 * torch::randn({n}));
-      bn->running_mean.copy_(0.5 * torch::randn({n}));
-      bn->running_var.copy_(0.5 + torch::rand({n}));
-    }
-  }
-}
-
 using CollectWarnings = libtorch::WarningCollector;
 
-double relative_difference(const torch::Tensor& a, const torch::Tensor& b) {
-  return ((a - b).abs().max() / b.abs().max()).item<double>();
-}
 
 }  // namespace
 
