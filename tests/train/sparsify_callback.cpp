@@ -99,15 +99,16 @@ TEST_CASE("SparsifyCallback drives a sparsifier to its target and reports each e
   learn.fit(3, 1e-2, {sparsify});
 
   // 3 epochs of 4 batches: at each, step((i+1)/12), mask_gradients, then apply after the step.
-  REQUIRE(sparsifier.steps.size() == 12 + 1);
+  REQUIRE(sparsifier.steps.size() == 12);
   for (size_t i = 0; i < 12; ++i) {
     CHECK(sparsifier.steps[i] == Approx(double(i + 1) / 12));
     CHECK(per_batch(sparsifier.calls, 3 * i, 3) ==
           std::vector<std::string>{"step", "mask_gradients", "apply"});
   }
-  // A last step(1.0) after the fit ends exactly at the target.
+  // The last batch ends exactly at the target, so after the fit the masks are only applied.
   CHECK(sparsifier.steps.back() == 1.0);
-  CHECK(per_batch(sparsifier.calls, 36, 2) == std::vector<std::string>{"step", "apply"});
+  CHECK(per_batch(sparsifier.calls, 36, 1) == std::vector<std::string>{"apply"});
+  CHECK(sparsifier.calls.size() == 37);
   CHECK(sparsifier.sparsity() == 50.0);
   CHECK(sparsifier.zero_percent() == Approx(50.0));
 
@@ -172,10 +173,10 @@ TEST_CASE("SparsifyCallback spreads the schedule over [start, end] of the fit",
   CHECK(sparsifier.calls.front() == "step");
   REQUIRE_FALSE(sparsifier.steps.empty());
   CHECK(sparsifier.steps.front() == Approx((5.0 / 16 - 0.25) / 0.5));
-  // The schedule reaches 1 at 75% (batch 11) and is not stepped again until the final step.
+  // The schedule reaches 1 at 75% (batch 11) and is not stepped again, after the fit neither.
   std::vector<double> expected;
   for (int i = 4; i < 12; ++i) expected.push_back((double(i + 1) / 16 - 0.25) / 0.5);
-  expected.push_back(1.0);
+  CHECK(expected.back() == 1.0);
   REQUIRE(sparsifier.steps.size() == expected.size());
   for (size_t i = 0; i < expected.size(); ++i) CHECK(sparsifier.steps[i] == Approx(expected[i]));
   // Masks stay in force after the end: mask_gradients and apply at every later batch.
@@ -217,9 +218,23 @@ TEST_CASE("SparsifyCallback with its hooks called from a hand-written loop",
     callbacks.after_epoch(s);
   }
   callbacks.after_fit(s);
-  CHECK(sparsifier.steps.size() == 9);
+  CHECK(sparsifier.steps.size() == 8);
   CHECK(sparsifier.steps[7] == 1.0);
   CHECK(sparsifier.zero_percent() == Approx(100.0 * 9 / 32));  // floor(32 weights · 30%)
+
+  // A loop that stops before its last batch: after_fit steps to the target.
+  FakeSparsifier early(model, 30);
+  SparsifyCallback early_sparsify(early, SparsifyCallbackOptions().verbose(false));
+  CallbackList early_callbacks{early_sparsify};
+  TrainingState e;
+  e.model = model.ptr().get();
+  e.n_epochs = 2;
+  e.n_iter = 4;
+  early_callbacks.before_fit(e);
+  for (e.iter = 0; e.iter < 3; ++e.iter, ++e.train_iter) early_callbacks.before_step(e);
+  early_callbacks.after_fit(e);
+  CHECK(early.steps == std::vector<double>{1.0 / 8, 2.0 / 8, 3.0 / 8, 1.0});
+  CHECK(early.zero_percent() == Approx(100.0 * 9 / 32));
 
   // A TrainingState without the number of batches cannot give progress.
   TrainingState empty;
@@ -262,4 +277,26 @@ TEST_CASE("SparsifyCallback with a real gradual Sparsifier ends at the target",
   CAPTURE(text);
   CHECK(std::regex_search(text, std::regex(R"(Sparsity at epoch 0: \d+\.\d\d%)")));
   CHECK_THAT(text, Contains("Sparsity at epoch 2: 50.00%") && Contains("Final Sparsity: 50.00%"));
+}
+
+// LibTorch 2.x's zero_grad() sets gradients to none (1.13 zeroes them), so after the fit's last
+// step no gradient is left: a criterion that reads them must not be asked again in after_fit
+// once the last batch has brought the sparsifier to its target.
+TEST_CASE("SparsifyCallback with a gradient criterion ends the fit at its target",
+          "[sparsify_callback]") {
+  torch::manual_seed(0);
+  auto model = torch::nn::Sequential(torch::nn::Linear(2, 64), torch::nn::ReLU(),
+                                     torch::nn::Linear(64, 64), torch::nn::ReLU(),
+                                     torch::nn::Linear(64, 3));
+  Sparsifier<granularity::Weight, method::Local, criteria::Taylor, schedule::Cos> sparsifier(
+      model, SparsifierOptions(50).include_linear(true));
+  SparsifyCallback sparsify(sparsifier);
+  std::ostringstream out;
+  Learner learn(model, fixtures::blobs(256, 32, 1), {},
+                LearnerOptions().out(&out).progress(Progress::None));
+  learn.fit_one_cycle(2, 1e-2, {sparsify});
+  CHECK(sparsifier.sparsity() == Approx(50.0));
+  for (const auto& layer : sparsity_report(model).layers)
+    CHECK(layer.percent() == Approx(50.0).margin(1.0));
+  CHECK_THAT(out.str(), Contains("Final Sparsity: 50.00%"));
 }

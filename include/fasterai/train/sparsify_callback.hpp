@@ -71,11 +71,11 @@ class SparsifyCallback : public Callback {
   const SparsifyCallbackOptions& options() const noexcept { return options_; }
 
   std::string name() const override { return "SparsifyCallback"; }
-  void before_fit(TrainingState& state) override;
-  void before_step(TrainingState& state) override;
-  void after_step(TrainingState& state) override;
-  void after_epoch(TrainingState& state) override;
-  void after_fit(TrainingState& state) override;
+  inline void before_fit(TrainingState& state) override;
+  inline void before_step(TrainingState& state) override;
+  inline void after_step(TrainingState& state) override;
+  inline void after_epoch(TrainingState& state) override;
+  inline void after_fit(TrainingState& state) override;
 
  private:
   std::shared_ptr<SparsifierInterface> sparsifier_;
@@ -143,7 +143,10 @@ inline void SparsifyCallback::after_epoch(TrainingState& state) {
 }
 
 inline void SparsifyCallback::after_fit(TrainingState& state) {
-  sparsifier_->step(1.0);  // whatever the span covered, the fit ends at the target
+  // Whatever the span covered, the fit ends at the target. When the last batch got there, the
+  // masks are final: stepping again would score once more, and a criterion that reads
+  // gradients finds none (LibTorch 2.x's zero_grad() sets them to none after the last step).
+  if (last_progress_ != 1.0) sparsifier_->step(1.0);
   last_progress_ = 1.0;
   sparsifier_->apply();
   report(state, "Final Sparsity", sparsifier_->sparsity());
