@@ -2,7 +2,8 @@ cmake_minimum_required(VERSION 3.21)
 # Configure, build and run one consumer project. MODE is find_package or add_subdirectory.
 set(build_dir ${WORK_DIR}/${MODE}-build)
 file(REMOVE_RECURSE ${build_dir})
-set(args -S ${SOURCE_ROOT}/tests/consumers/${MODE} -B ${build_dir}
+set(args -S ${SOURCE_ROOT}/tests/consumers/${MODE} -B ${build_dir} -G "${GENERATOR}"
+         -DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}
          -DCMAKE_BUILD_TYPE=Release -DTorch_DIR=${Torch_DIR}
          -DCMAKE_CXX_COMPILER=${CMAKE_CXX_COMPILER})
 if(CXX_LAUNCHER)
