@@ -25,7 +25,7 @@ class NamedSequentialImpl : public torch::nn::SequentialImpl {
     return torch::nn::SequentialImpl::forward<torch::Tensor>(std::move(x));
   }
 
-  std::shared_ptr<torch::nn::Module> clone(
+  inline std::shared_ptr<torch::nn::Module> clone(
       const c10::optional<torch::Device>& device = c10::nullopt) const override;
 };
 TORCH_MODULE(NamedSequential);

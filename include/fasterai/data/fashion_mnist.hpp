@@ -71,7 +71,7 @@ class FashionMNIST
   // One image [1, 28, 28] float and its label (an int64 scalar).
   torch::data::Example<> get(size_t index);
   // The images [B, 1, 28, 28] float and labels [B] int64 at `indices`, in that order.
-  torch::data::Example<> get_batch(c10::ArrayRef<size_t> indices) override;
+  inline torch::data::Example<> get_batch(c10::ArrayRef<size_t> indices) override;
   c10::optional<size_t> size() const override { return static_cast<size_t>(labels_.size(0)); }
 
   // All images [N, 28, 28] uint8 and labels [N] int64, as read (and subset).

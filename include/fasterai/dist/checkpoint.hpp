@@ -58,7 +58,7 @@ class Checkpoint : public Callback {
   }
 
   std::string name() const override { return "Checkpoint"; }
-  void after_epoch(TrainingState& state) override;
+  inline void after_epoch(TrainingState& state) override;
   const std::filesystem::path& path() const noexcept { return path_; }
 
  private:

@@ -64,17 +64,17 @@ class DataParallel : public ParallelContext {
 
   int rank() const override { return group_->rank(); }
   int world_size() const override { return group_->world_size(); }
-  void broadcast_model(torch::nn::Module& model) override;
-  void broadcast_buffers(torch::nn::Module& model) override;
-  void average_gradients(const std::vector<torch::Tensor>& parameters) override;
+  inline void broadcast_model(torch::nn::Module& model) override;
+  inline void broadcast_buffers(torch::nn::Module& model) override;
+  inline void average_gradients(const std::vector<torch::Tensor>& parameters) override;
   std::vector<double> sum(std::vector<double> values) override {
     return group_->sum(std::move(values), "all-reduce of metrics");
   }
 
   // The Learner's hooks (see fasterai/train/parallel.hpp).
-  void begin_fit(torch::nn::Module& model, std::int64_t batches_per_epoch) override;
-  void begin_epoch(int epoch) override;
-  void order_drawn(int epoch) override;
+  inline void begin_fit(torch::nn::Module& model, std::int64_t batches_per_epoch) override;
+  inline void begin_epoch(int epoch) override;
+  inline void order_drawn(int epoch) override;
   std::int64_t batches_per_epoch(std::int64_t batches) const override {
     return options_.deal_batches() ? batches / world_size() : batches;
   }

@@ -46,10 +46,10 @@ class ShardSampler : public torch::data::samplers::Sampler<> {
   ShardSampler(std::size_t size, int rank, int world_size, ShardOptions options = {});
 
   // Start the next epoch (the loader calls this at the start of each pass).
-  void reset(c10::optional<std::size_t> new_size = c10::nullopt) override;
-  c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override;
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
+  inline void reset(c10::optional<std::size_t> new_size = c10::nullopt) override;
+  inline c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override;
+  inline void save(torch::serialize::OutputArchive& archive) const override;
+  inline void load(torch::serialize::InputArchive& archive) override;
 
   // This rank's indices of epoch `epoch`, in order.
   std::vector<std::size_t> indices(std::int64_t epoch) const;

@@ -177,8 +177,8 @@ class QuantizationAwareTraining : public Callback {
   torch::nn::Sequential convert() const;
 
   std::string name() const override { return "QuantizationAwareTraining"; }
-  void before_fit(TrainingState& state) override;
-  void before_batch(TrainingState& state) override;
+  inline void before_fit(TrainingState& state) override;
+  inline void before_batch(TrainingState& state) override;
 
  private:
   Calibrator<Observer> calibrator_;

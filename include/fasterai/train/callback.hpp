@@ -93,7 +93,7 @@ class Callback {
   virtual ~Callback() = default;
 
   // The name errors and reports use; by default the class name.
-  virtual std::string name() const;
+  inline virtual std::string name() const;
 
   virtual void before_fit(TrainingState&) {}
   virtual void before_epoch(TrainingState&) {}

@@ -159,10 +159,10 @@ class FeatureDistillation : public Callback {
   std::map<std::string, torch::Tensor> teacher_features(const torch::Tensor& x) const;
 
   std::string name() const override { return "FeatureDistillation"; }
-  void before_fit(TrainingState& state) override;
-  void before_batch(TrainingState& state) override;
-  void after_loss(TrainingState& state) override;
-  void after_fit(TrainingState& state) override;
+  inline void before_fit(TrainingState& state) override;
+  inline void before_batch(TrainingState& state) override;
+  inline void after_loss(TrainingState& state) override;
+  inline void after_fit(TrainingState& state) override;
 
  private:
   struct Tap;

@@ -65,7 +65,7 @@ class KnowledgeDistillation : public Callback {
 
   std::string name() const override { return "KnowledgeDistillation"; }
   // Replace the loss: (1 − α)·(the loss so far) + α·T²·KL(teacher ‖ student).
-  void after_loss(TrainingState& state) override;
+  inline void after_loss(TrainingState& state) override;
 
  private:
   std::shared_ptr<torch::nn::Module> teacher_;
