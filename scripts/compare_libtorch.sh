@@ -11,18 +11,19 @@
 #           rows (Quant_Latency on VGG16-BN, Quant_ResNet50_Interleaved)
 # Environment:
 #   FASTERAI_BUILD_DIR     the 1.13 build (default build)
-#   FASTERAI_COMPAT_ROOT   the Debian 13 root (default /var/cache/fasterai/trixie-root); its
-#                          build is /work/build there, as scripts/compat.sh leaves it
+#   FASTERAI_COMPAT_ROOT   the Debian 13 root (default /var/cache/fasterai/trixie-root)
+#   FASTERAI_COMPAT_BUILD  the 2.6 build inside the root (default /work/build, where
+#                          scripts/compat.sh leaves it)
 # Both builds must have fasterai_benchmarks: scripts/benchmarks.sh and scripts/compat.sh make
 # them. Needs root for chroot (runs itself through sudo otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then exec sudo --preserve-env=FASTERAI_BUILD_DIR,FASTERAI_COMPAT_ROOT "$0" "$@"; fi
+if [ "$(id -u)" -ne 0 ]; then exec sudo --preserve-env=FASTERAI_BUILD_DIR,FASTERAI_COMPAT_ROOT,FASTERAI_COMPAT_BUILD "$0" "$@"; fi
 rounds=${1:-3}
 filter=${2:-'^(Transforms_Latency/vgg16_bn_|Graph_PrunedResNet50|Quant_Latency/vgg16_bn_|Quant_ResNet50_Interleaved)'}
 root=${FASTERAI_COMPAT_ROOT:-/var/cache/fasterai/trixie-root}
 host_bench=${FASTERAI_BUILD_DIR:-build}/benchmarks/fasterai_benchmarks
-root_bench=/work/build/benchmarks/fasterai_benchmarks
+root_bench=${FASTERAI_COMPAT_BUILD:-/work/build}/benchmarks/fasterai_benchmarks
 [ -x "$host_bench" ] || { echo "compare: no $host_bench (scripts/benchmarks.sh builds it)" >&2; exit 1; }
 [ -x "$root$root_bench" ] || { echo "compare: no $root$root_bench (scripts/compat.sh builds it)" >&2; exit 1; }
 

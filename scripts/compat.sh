@@ -40,7 +40,7 @@ build_dir=/work/build       # inside the root, outside the copy: kept between ru
 # What --ci builds and runs.
 ci_targets=(fasterai_header_check test_core test_graph test_layers test_dist test_deploy test_quant test_models
             test_transform)
-ci_tests='^(core|graph|layers|dist|deploy|quant)/|^models/(ViT|ConvNeXt)|^transform/transformers'
+ci_tests='^(core|graph|layers|dist|deploy|quant)/|^models/(ViT|ConvNeXt)|^transform/transformers|^header_check/'
 
 step_start=$SECONDS
 step() {  # step NAME: report the time the previous step took, then announce NAME
@@ -122,8 +122,14 @@ in_root "$source_dir/scripts/install-deps.sh"
 in_root dpkg-query -W -f='compat: ${Package} ${Version}\n' libtorch-dev catch2 g++ python3-torch \
   python3-torchvision
 
+# Said in both modes: the build directory is kept between runs, and its cache would keep
+# whatever the previous run set (a --ci run before a full one left the benchmarks out).
 cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTERAI_HEADER_CHECK=ON)
-[ "$mode" = full ] || cmake_args+=(-DFASTERAI_BUILD_BENCHMARKS=OFF)
+if [ "$mode" = full ]; then
+  cmake_args+=(-DFASTERAI_BUILD_BENCHMARKS=ON)
+else
+  cmake_args+=(-DFASTERAI_BUILD_BENCHMARKS=OFF)
+fi
 step "configure and build ($mode)"
 in_root cmake -S "$source_dir" -B "$build_dir" "${cmake_args[@]}" > /dev/null
 # Every compile error at once; CTest runs what did build, so one report shows everything.
