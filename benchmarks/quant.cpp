@@ -160,7 +160,7 @@ void Quant_Calibrate(benchmark::State& state) {
   const auto batches = calibration_batches(Network::vgg16_bn);
   for (auto _ : state) {
     auto q = fasterai::quantize_static(fp32, batches);
-    benchmark::DoNotOptimize(q.ptr());
+    benchmark::DoNotOptimize(q.ptr().get());
   }
 }
 

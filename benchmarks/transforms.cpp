@@ -110,7 +110,7 @@ void Transforms_Pruner(benchmark::State& state) {
   const auto& sparsified = stage(Network::vgg16_bn, Stage::sparsified);
   for (auto _ : state) {
     auto pruned = fasterai::Pruner().prune(sparsified);
-    benchmark::DoNotOptimize(pruned.ptr());
+    benchmark::DoNotOptimize(pruned.ptr().get());
   }
 }
 
@@ -119,7 +119,7 @@ void Transforms_BNFolder(benchmark::State& state) {
   const auto& pruned = stage(Network::vgg16_bn, Stage::pruned);
   for (auto _ : state) {
     auto folded = fasterai::BNFolder().fold(pruned);
-    benchmark::DoNotOptimize(folded.ptr());
+    benchmark::DoNotOptimize(folded.ptr().get());
   }
 }
 
@@ -128,7 +128,7 @@ void Transforms_FCDecomposer(benchmark::State& state) {
   const auto& folded = stage(Network::vgg16_bn, Stage::folded);
   for (auto _ : state) {
     auto factorized = fasterai::FCDecomposer().decompose(folded, kPercentRemoved);
-    benchmark::DoNotOptimize(factorized.ptr());
+    benchmark::DoNotOptimize(factorized.ptr().get());
     state.PauseTiming();
     if (!stages(Network::vgg16_bn).factorized) {
       factorized->eval();

@@ -195,7 +195,7 @@ inline FoldPlan plan_folding(const std::vector<Layer>& all, const Graph& g) {
     const GraphNode& node = g.nodes()[nodes.front()];
     const std::int64_t producer = node.kind == OpKind::Norm ? g.values()[node.inputs.front()].producer : -1;
     if (producer < 0 || g.nodes()[producer].kind != OpKind::Layer || g.nodes()[producer].rule->kind != wanted) {
-      plan.report.left.push_back({layer.name, "not directly after a " + std::string(wanted)});
+      plan.report.left.push_back({layer.name, detail::concat("not directly after a ", wanted)});
       continue;
     }
     const std::string& before = g.nodes()[producer].module;
