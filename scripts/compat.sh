@@ -8,7 +8,8 @@
 #              its own translation unit too, and run the whole CTest suite.
 #   --ci       CI's LibTorch 2.x leg (it has to fit beside the 1.13 suite in CI's time): build
 #              every public header in its own translation unit (each area's code compiles
-#              against 2.6) and the tests of core, graph, layers, dist, deploy and quant, the
+#              against 2.6, and header_check/emits_no_code checks that none makes its includers
+#              compile code) and the tests of core, graph, layers, dist, deploy and quant, the
 #              transformer tests and the ViT and ConvNeXt zoo tests, and run them: the version
 #              header, tracing on 2.6's autograd graph (permutes, token Linears, attention heads
 #              through 2.6's matmul, layer rules; ViT-B/16 and ConvNeXt-Tiny against PyTorch 2.6 and
