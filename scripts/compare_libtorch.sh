@@ -56,11 +56,12 @@ done
 /usr/bin/python3 - "$out" "$rounds" <<'EOF'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
-# What is a time: real_time (in the benchmark's unit) and the counters named *_ms.
+# What is a time: real_time (in the benchmark's unit) and the counters named *_ms. A benchmark
+# with repetitions reports only its aggregates: its median stands for it.
 def values(path):
     result = {}
     for b in json.load(open(path))["benchmarks"]:
-        if b.get("run_type") == "aggregate": continue
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median": continue
         name = b["run_name"] if "run_name" in b else b["name"]
         result[(name, "real_time_" + b.get("time_unit", "ns"))] = b["real_time"]
         for k, v in b.items():
