@@ -9,6 +9,7 @@
 #       [--budget-minutes M]   (no round is started that would end past M minutes, by the
 #                              rounds so far; the tables say how many ran)
 #       [--report-only]        (tables and plots again from the rounds already in DIR)
+#       [--no-build]           (run the benchmark binary already built)
 #   quick look:  scripts/scaling_curves.sh --models resnet50 --batches 1,8 --rounds 1
 #
 # Round r runs every C++ point, then every Python point (Python first in even rounds, so that
@@ -30,10 +31,11 @@ warmup_seconds=0.3
 python=1
 report_only=0
 budget_minutes=0
+build_it=1
 build=${FASTERAI_BUILD_DIR:-build}
 out=""
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 while [[ $# -gt 0 ]]; do
@@ -48,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --out) out="$2"; shift 2 ;;
     --no-python) python=0; shift ;;
     --report-only) report_only=1; shift ;;
+    --no-build) build_it=0; shift ;;
     --budget-minutes) budget_minutes="$2"; shift 2 ;;
     -h|--help) usage ;;
     *) echo "unknown option $1" >&2; usage ;;
@@ -68,10 +71,12 @@ if [[ $report_only == 1 ]]; then
   started=$(cat "$out/started" 2>/dev/null || date -u '+%Y-%m-%d %H:%M UTC')
   rounds=$(find "$out" -maxdepth 1 -name 'cpp_*.json' | wc -l)
 else
-  if [[ ! -f "$build/build.ninja" && ! -f "$build/Makefile" ]]; then
-    cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+  if [[ $build_it == 1 ]]; then
+    if [[ ! -f "$build/build.ninja" && ! -f "$build/Makefile" ]]; then
+      cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+    fi
+    cmake --build "$build" --target fasterai_benchmarks ${FASTERAI_BUILD_JOBS:+-j "$FASTERAI_BUILD_JOBS"}
   fi
-  cmake --build "$build" --target fasterai_benchmarks ${FASTERAI_BUILD_JOBS:+-j "$FASTERAI_BUILD_JOBS"}
   bench="$build/benchmarks/fasterai_benchmarks"
 
   if [[ $python == 1 ]] && ! /usr/bin/python3 -c 'import torch, torchvision' 2>/dev/null; then
@@ -226,8 +231,8 @@ for model in {k[1] for k in at}:
 EOF
 
 command -v gnuplot >/dev/null || exit 0
-terminal="pngcairo size 1100,720 font 'DejaVu Sans,9'"
-gnuplot -e "set terminal pngcairo" 2>/dev/null || terminal="png size 1100,720"
+terminal="pngcairo size 1000,660 font 'DejaVu Sans,8'"
+gnuplot -e "set terminal pngcairo" 2>/dev/null || terminal="png size 1000,660"
 for macfile in "$out"/plot_*.mac; do
   [[ -f "$macfile" ]] || continue
   model=$(basename "$macfile" .mac)
