@@ -35,7 +35,7 @@ build_it=1
 build=${FASTERAI_BUILD_DIR:-build}
 out=""
 usage() {
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 while [[ $# -gt 0 ]]; do
