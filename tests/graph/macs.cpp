@@ -1,6 +1,8 @@
 #include "catch.hpp"
 #include "hand_built.hpp"
 
+#include <algorithm>
+
 #include <fasterai/graph/macs.hpp>
 #include <fasterai/models/vgg.hpp>
 
@@ -58,4 +60,28 @@ TEST_CASE("MAC count restores train mode and rejects bad shapes", "[statistics]"
   CHECK_THROWS_WITH(count_macs(m, std::vector<std::int64_t>{}), Catch::Contains("input_shape"));
   CHECK_THROWS_WITH(count_macs(m, {3, 0, 8}), Catch::Contains("input_shape") &&
                                                  Catch::Contains("positive"));
+}
+TEST_CASE("PrunedMacs predicts the MACs after the Pruner without changing the model", "[statistics][graph]") {
+  // conv a: 2 -> 4 channels, 3x3 on 4x4 (16 * 4 * 18 = 1152 MACs); conv b: 4 -> 3, 1x1 (192).
+  nn::Sequential m(nn::Conv2d(nn::Conv2dOptions(2, 4, 3).padding(1)), nn::ReLU(), nn::Conv2d(nn::Conv2dOptions(4, 3, 1)));
+  const auto example = torch::randn({1, 2, 4, 4});
+  {
+    const PrunedMacs macs(m, example);
+    CHECK(macs.total() == 1152 + 192);
+    CHECK(macs.after_pruning() == macs.total());  // no zero channel: nothing goes
+  }
+  {
+    torch::NoGradGuard no_grad;
+    m[0]->as<nn::Conv2d>()->weight[1].zero_();
+    m[0]->as<nn::Conv2d>()->bias[1].zero_();
+  }
+  const PrunedMacs macs(m, example);
+  const auto removed = macs.removed_now();
+  CHECK(std::count(removed.begin(), removed.end(), 1) == 1);
+  // One of a's 4 filters goes, and b's input channel that read it.
+  CHECK(macs.after(removed) == 1152 * 3 / 4 + 192 * 3 / 4);
+  CHECK(macs.after_pruning() == 1152 * 3 / 4 + 192 * 3 / 4);
+  CHECK(m[0]->as<nn::Conv2d>()->weight.size(0) == 4);  // the model is as it was
+  CHECK_THROWS_WITH(macs.after(std::vector<char>(removed.size() + 1, 0)),
+                    Catch::Contains("'removed' = ") && Catch::Contains("one flag per unit"));
 }

@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/sparse/sensitivity.hpp>
+#include <fasterai/transform/pruner.hpp>
 
 namespace nn = torch::nn;
 using namespace fasterai;
@@ -119,6 +121,16 @@ struct ResidualImpl : nn::Module {
 };
 TORCH_MODULE(Residual);
 
+// The MACs of `fresh` (an unpruned copy of the analysed model) after the trial of `row` and the
+// Pruner: Criteria at Filter granularity zeroes the row's unit, the Pruner removes it.
+template <class Criteria, class Model>
+std::int64_t macs_after_trial(Model fresh, const torch::Tensor& example, const SensitivityRow& row) {
+  Sparsifier<g::Filter, m::Local, Criteria> s(fresh, example, SparsifierOptions(0).include(row.layers));
+  s.prune(row.sparsity);
+  Pruner().prune_(fresh, example);
+  return count_macs(fresh, example.narrow(0, 0, 1)).total();
+}
+
 }  // namespace
 
 TEST_CASE("sensitivity ranks a layer whose output is multiplied by 0 least sensitive, and restores the model",
@@ -159,6 +171,15 @@ TEST_CASE("sensitivity with Filter granularity: one row per coupled group, model
     // Conv "0" at 50%: 3 filters of 2*3*3 weights, their biases and BN gammas (the fresh BN's
     // betas are 0 already: "removed" counts what the trial turns to zero).
     CHECK(table.rows[0].removed == 3 * (2 * 9 + 1 + 1));
+    // MACs of one 2x5x5 example: conv 0 25*6*18 = 2700, conv 3 25*8*54 = 10800, linear 24.
+    CHECK(table.macs == 13524);
+    // Conv 0 at 50%: its 3 filters go (-1350) and conv 3's 3 input channels (-5400).
+    CHECK(table.rows[0].macs_removed == 1350 + 5400);
+    // Conv 3 at 50%: 4 filters (-5400) and 4 of the linear's inputs (-12).
+    CHECK(table.rows[1].macs_removed == 5400 + 12);
+    const auto example = torch::randn({8, 2, 5, 5});
+    for (const auto& r : table.rows)
+      CHECK(macs_after_trial<c::L2<g::Filter>>(conv_net(), example, r) == table.macs - r.macs_removed);
     CHECK(identical(*model, before));
     CHECK(!model->is_training());
   }
@@ -171,6 +192,14 @@ TEST_CASE("sensitivity with Filter granularity: one row per coupled group, model
     CHECK(table.units()[0].front()->layers == std::vector<std::string>{"conv1", "conv2"});
     // 30% of 6 channels: 1 channel of each conv (weights and bias).
     CHECK(table.rows[0].removed == (2 * 9 + 1) + (6 * 9 + 1));
+    // conv1 2700 + conv2 8100 + head 18 MACs; at 30% one channel of the stream goes: conv1 by
+    // 1/6 (-450), conv2 by 1/6 of outputs and of inputs (8100 - 8100*25/36 = 2475), head -3.
+    CHECK(table.macs == 10818);
+    CHECK(table.rows[0].macs_removed == 450 + 2475 + 3);
+    for (const auto& r : table.rows) {
+      torch::manual_seed(8);
+      CHECK(macs_after_trial<c::FPGM>(Residual(), torch::randn({8, 2, 5, 5}), r) == table.macs - r.macs_removed);
+    }
     CHECK(identical(*model, before));
   }
 }
@@ -204,16 +233,17 @@ TEST_CASE("the table prints, writes CSV, and a loss-like metric counts its rise 
   while (std::getline(in, line)) lines.push_back(line);
   std::remove(path.c_str());
   REQUIRE(lines.size() == 5);
-  CHECK(lines[0] == "layers,sparsity,removed,loss,drop");
+  CHECK(lines[0] == "layers,sparsity,removed,loss,drop,macs_removed");
   CHECK(lines[1].rfind("a,25,16,", 0) == 0);  // floor(64 * 25 / 100) weights
   CHECK(lines[4].rfind("noise,75,48,", 0) == 0);
+  CHECK(lines[4].substr(lines[4].rfind(',')) == ",0");  // scattered zeros remove no MAC
 }
 
 TEST_CASE("budget targets: the least sensitive units first, and the budget is met", "[sensitivity][budget]") {
   SECTION("a hand-made table") {
     SensitivityTable t;
     auto row = [](std::string layer, double s, std::int64_t removed, double drop) {
-      return SensitivityRow{{std::move(layer)}, s, removed, 0.0, drop};
+      return SensitivityRow{{std::move(layer)}, s, removed, 0.0, drop, 0, {}};
     };
     t.rows = {row("x", 50, 100, 0.00), row("x", 90, 180, 0.30),   //
               row("y", 50, 50, 0.01), row("y", 90, 90, 0.02),    //
@@ -229,6 +259,37 @@ TEST_CASE("budget targets: the least sensitive units first, and the budget is me
     CHECK_THROWS_AS(layer_targets_for_budget(t, 289), argument_error);
     CHECK_THROWS_WITH(layer_targets_for_budget(t, -1), Catch::Contains("'parameters' = -1") &&
                                                             Catch::Contains("[0, 288]"));
+  }
+  SECTION("a hand-made table with a budget of MACs: rows' MACs add up") {
+    SensitivityTable t;
+    auto row = [](std::string layer, double s, std::int64_t macs, double drop) {
+      return SensitivityRow{{std::move(layer)}, s, 1, 0.0, drop, macs, {}};
+    };
+    t.rows = {row("x", 50, 500, 0.00), row("x", 90, 900, 0.30), row("y", 50, 300, 0.01), row("y", 90, 600, 0.02)};
+    CHECK(layer_targets_for_budget(t, 500, Budget::Macs) == LayerTargets{{"x", 50}});
+    CHECK(layer_targets_for_budget(t, 801, Budget::Macs) == LayerTargets{{"x", 50}, {"y", 90}});
+    CHECK(layer_targets_for_budget(t, 1101, Budget::Macs) == LayerTargets{{"x", 90}, {"y", 90}});
+    CHECK_THROWS_WITH(layer_targets_for_budget(t, 1501, Budget::Macs),
+                      Catch::Contains("'macs' = 1501") && Catch::Contains("[0, 1500]"));
+    // Parameters: one per row here.
+    CHECK(layer_targets_for_budget(t, 2) == LayerTargets{{"x", 50}, {"y", 50}});
+  }
+  SECTION("a budget of MACs on the analysed model is met after the Pruner, units combined exactly") {
+    auto model = conv_net();
+    const auto table = sensitivity<g::Filter>(model, images(), SensitivityOptions().sparsities({50}));
+    // Both convs at 50%: conv 0 -1350, conv 3 keeps 4 of 8 outputs and 3 of 6 inputs (-8100),
+    // the linear -12: 9462, less than the rows' sum (6750 + 5412), conv 3's inputs counted once.
+    CHECK_THROWS_WITH(layer_targets_for_budget(table, 9463, Budget::Macs), Catch::Contains("[0, 9462]"));
+    for (std::int64_t budget : {1000, 6000, 9000, 9462}) {
+      const auto targets = layer_targets_for_budget(table, budget, Budget::Macs);
+      auto copy = conv_net();
+      Sparsifier<g::Filter, m::Local, c::L1> s(copy, SparsifierOptions(0).layer_targets(targets));
+      s.step(1.0);
+      Pruner().prune_(copy);
+      CHECK(count_macs(copy, {2, 5, 5}).total() <= table.macs - budget);
+    }
+    // Neither conv alone removes 9000 MACs: both go to 50%.
+    CHECK(layer_targets_for_budget(table, 9000, Budget::Macs) == LayerTargets{{"0", 50}, {"3", 50}});
   }
   SECTION("on the analysed model, the targets' sparsifier zeroes at least the budget") {
     auto model = trained_two_branch();

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include <fasterai/core/statistics.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/sparse/sparsifier.hpp>
 #include <fasterai/transform/pruner.hpp>
@@ -239,8 +240,8 @@ TEST_CASE("prune and fold preserve outputs and sizes on random VGG-like networks
 }
 
 // Users' own modules: random networks (random_nets.hpp). Filter sparsification through the
-// traced graph, then in-place pruning, must leave the outputs unchanged and remove exactly the
-// channels the sparsifier zeroed.
+// traced graph, then in-place pruning, must leave the outputs unchanged, remove exactly the
+// channels the sparsifier zeroed, and leave the MACs PrunedMacs predicted.
 TEST_CASE("sparsify and prune_ users' modules exactly on random architectures",
           "[pruner][sparsifier][property]") {
   constexpr int cases = 60;
@@ -264,8 +265,13 @@ TEST_CASE("sparsify and prune_ users' modules exactly on random architectures",
       y = net->forward(x);
     }
     const auto parameters_before = count_parameters(net);
+    // The MACs after pruning, predicted on the sparsified model before it (graph/macs.hpp).
+    const PrunedMacs macs(net, x.narrow(0, 0, 1));
+    const std::int64_t predicted = macs.after_pruning();
     Pruner pruner;
     const PruneReport report = pruner.prune_(net, x);
+    CHECK(count_macs(net, x.narrow(0, 0, 1)).total() == predicted);
+    CHECK((predicted < macs.total()) == report.changed());
     for (const auto& layer : report.layers) {
       INFO(layer.name);
       CHECK(layer.removed() == zeroed[layer.name]);

@@ -13,7 +13,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <memory>
+#include <string>
 #include <vector>
+
+#include <torch/torch.h>
 
 #include <fasterai/graph/graph.hpp>
 
@@ -100,6 +105,54 @@ inline std::vector<char> removable_units(const Graph& g, const std::vector<std::
       if (!zero[in][i]) removable[units[i]] = 0;
   }
   return removable;
+}
+
+// The units the Pruner removes: the removable ones, except that every coupled group keeps one
+// (so that every layer keeps a channel).
+inline std::vector<char> units_to_remove(const Graph& g, const std::vector<char>& removable) {
+  std::vector<char> removed = removable;
+  for (const auto& group : g.groups()) {
+    const bool all = std::all_of(group.units.begin(), group.units.end(), [&](auto u) { return removed[u]; });
+    if (all && !group.units.empty()) removed[group.units.front()] = 0;  // keep one
+  }
+  return removed;
+}
+
+// A model's modules by qualified name, as the graph names them.
+using ModuleMap = std::map<std::string, std::shared_ptr<torch::nn::Module>>;
+
+inline ModuleMap module_map(torch::nn::Module& root) {
+  ModuleMap modules;
+  for (const auto& item : root.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
+  return modules;
+}
+
+// A free parameter of the graph ("encoder.pos_embedding"): its module's tensor.
+inline torch::Tensor graph_parameter(const ModuleMap& modules, const GraphNode& n) {
+  return layer_tensor(*modules.at(n.module), n.parameter);
+}
+
+// Which output channels of a Layer, Norm or Parameter node are exact zeros with the model's
+// current parameters: asked of the node's layer rule.
+inline ZeroOutputs zero_outputs_of(const ModuleMap& modules) {
+  return [&modules](const GraphNode& n) -> std::vector<char> {
+    if (n.kind == OpKind::Parameter) {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor p = graph_parameter(modules, n);
+      const torch::Tensor z = zero_slices(p, n.parameter_dim).to(torch::kCPU).contiguous();
+      return {z.data_ptr<bool>(), z.data_ptr<bool>() + z.numel()};
+    }
+    const auto& m = *modules.at(n.module);
+    const auto& weight = n.rule->tensors.front();
+    const auto channels = static_cast<std::int64_t>(layer_tensor(m, weight.name).size(weight.out_dim));
+    return zero_outputs(*n.rule, m, channels);
+  };
+}
+
+// The units the Pruner would remove from the model `modules` belong to, as its parameters are
+// now.
+inline std::vector<char> units_to_remove(const Graph& g, const ModuleMap& modules, bool approximate) {
+  return units_to_remove(g, removable_units(g, zero_channels(g, zero_outputs_of(modules)), approximate));
 }
 
 }  // namespace fasterai::detail

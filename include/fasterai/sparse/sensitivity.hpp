@@ -7,6 +7,7 @@
 //   std::cout << table;                        // the metric's drop per layer and sparsity
 //   table.write_csv("sensitivity.csv");
 //   auto targets = fasterai::layer_targets_for_budget(table, /*parameters=*/200'000);
+//   // or: ... = fasterai::layer_targets_for_budget(table, table.macs / 2, fasterai::Budget::Macs);
 //   fasterai::Sparsifier<granularity::Filter, method::Local, criteria::L1> s(
 //       model, fasterai::SparsifierOptions(0).layer_targets(targets));
 //   s.step(1.0);                               // each layer at its own target
@@ -21,8 +22,11 @@
 // model's output, an input or a barrier) are left out of the table.
 //
 // "Removed" counts the parameters a trial turns to zero (weights; with Filter granularity also
-// biases and BatchNorm γ and β; one already zero is not counted). The Pruner removes more — the next layers' input channels too —
-// so a budget of removed parameters met here is met at least as well after physical pruning.
+// biases and BatchNorm γ and β; one already zero is not counted). The Pruner removes more — the
+// next layers' input channels too — so a budget of removed parameters met here is met at least
+// as well after physical pruning. "MACs removed" is what the Pruner would take off the MACs of
+// one example after the trial (graph/macs.hpp, PrunedMacs: exact for Conv and Linear layers):
+// zeros alone save no MAC, whole removed channels do, including the next layers' inputs.
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +35,7 @@
 #include <functional>
 #include <iomanip>
 #include <limits>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -41,6 +46,7 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/data/batches.hpp>
+#include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
 #include <fasterai/sparse/criteria.hpp>
@@ -76,13 +82,23 @@ struct SensitivityRow {
   std::int64_t removed = 0;         // parameters turned to zero
   double metric = 0;                // the metric with this unit pruned
   double drop = 0;                  // how much worse than the baseline (> 0: worse)
+  std::int64_t macs_removed = 0;    // MACs of one example the Pruner would remove after it
+  // The units of `SensitivityTable::pruned_macs`'s graph that the Pruner would remove after it.
+  std::vector<std::int64_t> units_removed;
 };
+
+// What a budget counts: parameters turned to zero, or MACs of one example removed by the Pruner.
+enum class Budget { Parameters, Macs };
 
 struct SensitivityTable {
   std::string configuration;        // e.g. "Filter/L1"
   std::string metric_name;
   double baseline = 0;              // the metric of the unpruned model
   std::int64_t parameters = 0;      // of the whole model
+  std::int64_t macs = 0;            // of one example through the whole model
+  // The model's MACs as traced on one example: combines rows' removed units exactly. Null in a
+  // table made by hand (rows' macs_removed then add up).
+  std::shared_ptr<const PrunedMacs> pruned_macs;
   std::vector<SensitivityRow> rows; // unit by unit, each at the sparsities in the order given
 
   // The rows of each unit, in table order.
@@ -95,7 +111,7 @@ struct SensitivityTable {
     return out;
   }
 
-  // One line per row: layers (joined by '+'), sparsity, removed, metric, drop.
+  // One line per row: layers (joined by '+'), sparsity, removed, metric, drop, macs_removed.
   void write_csv(const std::string& path) const;
 };
 
@@ -165,8 +181,8 @@ double evaluate_metric(Impl& model, const data::Batches& valid, const Sensitivit
 }  // namespace detail
 
 // The sensitivity of `model` to pruning each unit alone at each of options.sparsities, with
-// Criteria choosing what goes, measured on `valid`. With Filter granularity a model that is not
-// a Sequential is traced on the first validation batch.
+// Criteria choosing what goes, measured on `valid`. The model is traced on one example of the
+// first validation batch (for its MACs, and for its channel graph when it is not a Sequential).
 template <granularity_policy Granularity, criteria_policy Criteria = criteria::L1, traceable Model>
 SensitivityTable sensitivity(Model& model, const data::Batches& valid, SensitivityOptions options = {}) {
   constexpr auto where = "fasterai::sensitivity";
@@ -184,17 +200,16 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
                          "a function (pred, target) -> scalar tensor");
 
   auto& impl = detail::impl(model);
-  // The input to trace a model on, when its structure is not known statically.
+  // The input to trace the model on: the first validation batch.
   torch::Tensor example;
-  if constexpr (!structure_known_statically<Model, Granularity>) {
-    valid.for_each([&](const torch::data::Example<>& b) {
-      if (!example.defined()) example = b.data;
-    });
-    detail::check_argument(example.defined(), where, "data", "no batches", "validation batches (at least one)");
-    for (const auto& p : impl.parameters()) {
-      example = example.to(p.device());
-      break;
-    }
+  valid.for_each([&](const torch::data::Example<>& b) {
+    if (!example.defined()) example = b.data;
+  });
+  detail::check_argument(example.defined() && example.dim() > 0 && example.size(0) > 0, where, "data",
+                         "a first batch holding no example", "validation batches with examples");
+  for (const auto& p : impl.parameters()) {
+    example = example.to(p.device());
+    break;
   }
 
   auto make_options = [&](std::vector<std::string> include) {
@@ -231,6 +246,9 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
   table.configuration = detail::concat(Granularity::name(), "/", Criteria::name());
   table.metric_name = options.metric_name();
   for (const auto& p : impl.parameters()) table.parameters += p.numel();
+  const auto pruned_macs = std::make_shared<const PrunedMacs>(model, example.narrow(0, 0, 1));
+  table.pruned_macs = pruned_macs;
+  table.macs = pruned_macs->total();
 
   detail::ModelSnapshot snapshot(impl);
   try {
@@ -242,7 +260,11 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
       std::int64_t removed = 0;
       for (double s : options.sparsities()) {
         sparsifier.prune(s);
-        SensitivityRow row{unit, s, snapshot.zeroed(), 0, 0};
+        SensitivityRow row{unit, s, snapshot.zeroed(), 0, 0, 0, {}};
+        const auto removed_units = pruned_macs->removed_now();
+        row.macs_removed = table.macs - pruned_macs->after(removed_units);
+        for (std::size_t u = 0; u < removed_units.size(); ++u)
+          if (removed_units[u]) row.units_removed.push_back(static_cast<std::int64_t>(u));
         row.metric = detail::evaluate_metric(impl, valid, options.metric(), where);
         row.drop = options.higher_is_better() ? table.baseline - row.metric : row.metric - table.baseline;
         snapshot.restore_values();
@@ -260,51 +282,65 @@ SensitivityTable sensitivity(Model& model, const data::Batches& valid, Sensitivi
   return table;
 }
 
-// Per-layer targets (SparsifierOptions::layer_targets, Local method) that zero at least
-// `parameters` parameters at the least cost according to `table`: greedily, each step raises the
-// unit whose next sparsity costs the smallest drop (the least sensitive first; on a tie the one
+// Per-layer targets (SparsifierOptions::layer_targets, Local method) that remove at least
+// `amount` parameters (turned to zero) or MACs (of one example, taken off by the Pruner after
+// the sparsifier) at the least cost according to `table`: greedily, each step raises the unit
+// whose next sparsity costs the smallest drop (the least sensitive first; on a tie the one
 // removing more). Units never raised are absent (give the sparsifier a target of 0 for them).
-// Throws when the table's highest sparsities together remove fewer than `parameters`.
-inline LayerTargets layer_targets_for_budget(const SensitivityTable& table, std::int64_t parameters) {
+// MACs of several units are combined exactly through the table's trace (pruning two adjacent
+// layers removes less than the sum of each alone: the second layer's inputs go only once).
+// Throws when the table's highest sparsities together remove less than `amount`.
+inline LayerTargets layer_targets_for_budget(const SensitivityTable& table, std::int64_t amount,
+                                             Budget of = Budget::Parameters) {
   constexpr auto where = "fasterai::layer_targets_for_budget";
-  const auto units = table.units();
-  std::int64_t reachable = 0;
   std::vector<std::vector<const SensitivityRow*>> levels;
-  for (auto rows : units) {
+  for (auto rows : table.units()) {
     std::stable_sort(rows.begin(), rows.end(),
                      [](const SensitivityRow* a, const SensitivityRow* b) { return a->sparsity < b->sparsity; });
-    std::int64_t most = 0;
-    for (const auto* r : rows) most = std::max(most, r->removed);
-    reachable += most;
     levels.push_back(std::move(rows));
   }
-  detail::check_argument(parameters >= 0 && parameters <= reachable, where, "parameters", parameters,
+  const bool macs = of == Budget::Macs;
+  auto alone = [&](const SensitivityRow* r) { return macs ? r->macs_removed : r->removed; };
+  // What the units remove together at the given levels (-1: not raised).
+  auto removed_at = [&](const std::vector<std::ptrdiff_t>& level) {
+    std::int64_t sum = 0;
+    std::vector<char> units;
+    if (macs && table.pruned_macs) units.assign(table.pruned_macs->graph().units().size(), 0);
+    for (std::size_t u = 0; u < levels.size(); ++u) {
+      if (level[u] < 0) continue;
+      const auto* r = levels[u][static_cast<std::size_t>(level[u])];
+      sum += alone(r);
+      for (auto unit : r->units_removed)
+        if (!units.empty()) units[static_cast<std::size_t>(unit)] = 1;
+    }
+    return units.empty() ? sum : table.macs - table.pruned_macs->after(units);
+  };
+  std::vector<std::ptrdiff_t> top(levels.size());
+  for (std::size_t u = 0; u < levels.size(); ++u) top[u] = static_cast<std::ptrdiff_t>(levels[u].size()) - 1;
+  const std::int64_t reachable = removed_at(top);
+  detail::check_argument(amount >= 0 && amount <= reachable, where, macs ? "macs" : "parameters", amount,
                          detail::concat("a count in [0, ", std::to_string(reachable),
                                         "]: what the table's highest sparsities remove together"));
   std::vector<std::ptrdiff_t> level(levels.size(), -1);
-  auto removed_by = [&](std::size_t u) { return level[u] < 0 ? std::int64_t{0} : levels[u][static_cast<std::size_t>(level[u])]->removed; };
-  std::int64_t removed = 0;
-  while (removed < parameters) {
+  auto gain = [&](std::size_t u) {
+    const auto next = alone(levels[u][static_cast<std::size_t>(level[u] + 1)]);
+    return next - (level[u] < 0 ? 0 : alone(levels[u][static_cast<std::size_t>(level[u])]));
+  };
+  while (removed_at(level) < amount) {
     std::ptrdiff_t best = -1;
     for (std::size_t u = 0; u < levels.size(); ++u) {
-      const auto next = static_cast<std::size_t>(level[u] + 1);
-      if (next >= levels[u].size()) continue;
+      if (level[u] + 1 >= static_cast<std::ptrdiff_t>(levels[u].size())) continue;
+      const auto b = static_cast<std::size_t>(best);
       if (best < 0) {
         best = static_cast<std::ptrdiff_t>(u);
         continue;
       }
-      const auto* candidate = levels[u][next];
-      const auto* current = levels[static_cast<std::size_t>(best)][static_cast<std::size_t>(level[static_cast<std::size_t>(best)] + 1)];
-      const double gain = double(candidate->removed - removed_by(u));
-      const double best_gain = double(current->removed - removed_by(static_cast<std::size_t>(best)));
-      if (candidate->drop < current->drop || (candidate->drop == current->drop && gain > best_gain))
-        best = static_cast<std::ptrdiff_t>(u);
+      const double drop = levels[u][static_cast<std::size_t>(level[u] + 1)]->drop;
+      const double best_drop = levels[b][static_cast<std::size_t>(level[b] + 1)]->drop;
+      if (drop < best_drop || (drop == best_drop && gain(u) > gain(b))) best = static_cast<std::ptrdiff_t>(u);
     }
-    if (best < 0) break;  // cannot happen: the budget is reachable
-    const auto u = static_cast<std::size_t>(best);
-    removed -= removed_by(u);
-    ++level[u];
-    removed += removed_by(u);
+    if (best < 0) break;  // cannot happen: every unit at its top level reaches the amount
+    ++level[static_cast<std::size_t>(best)];
   }
   LayerTargets targets;
   for (std::size_t u = 0; u < levels.size(); ++u)
@@ -317,8 +353,9 @@ inline LayerTargets layer_targets_for_budget(const SensitivityTable& table, std:
 inline std::ostream& operator<<(std::ostream& os, const SensitivityTable& table) {
   const auto flags = os.flags();
   const auto precision = os.precision();
-  os << "Sensitivity (" << table.configuration << "), " << table.metric_name << " "
-     << std::fixed << std::setprecision(4) << table.baseline << " unpruned; drop when pruned alone at\n";
+  os << "Sensitivity (" << table.configuration << "), " << table.metric_name << " " << std::fixed
+     << std::setprecision(4) << table.baseline << " unpruned (" << table.parameters << " parameters, "
+     << table.macs << " MACs); drop when pruned alone at\n";
   const auto units = table.units();
   std::size_t width = 6;
   for (const auto& u : units) width = std::max(width, detail::join_layers(u.front()->layers).size());
@@ -340,11 +377,11 @@ inline void SensitivityTable::write_csv(const std::string& path) const {
   std::ofstream out(path);
   detail::check_argument(out.good(), "fasterai::SensitivityTable::write_csv", "path", path,
                          "a file that can be written");
-  out << "layers,sparsity,removed," << metric_name << ",drop\n";
+  out << "layers,sparsity,removed," << metric_name << ",drop,macs_removed\n";
   out << std::setprecision(std::numeric_limits<double>::max_digits10);
   for (const auto& r : rows)
     out << detail::join_layers(r.layers) << ',' << r.sparsity << ',' << r.removed << ',' << r.metric << ','
-        << r.drop << '\n';
+        << r.drop << ',' << r.macs_removed << '\n';
   detail::check_argument(out.good(), "fasterai::SensitivityTable::write_csv", "path", path,
                          "a file that can be written");
 }

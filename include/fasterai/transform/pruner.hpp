@@ -127,29 +127,6 @@ namespace detail {
 
 inline constexpr const char* pruner_where = "fasterai::Pruner::prune_";
 
-using ModuleMap = std::map<std::string, std::shared_ptr<torch::nn::Module>>;
-
-// A free parameter of the graph ("encoder.pos_embedding"): its module's tensor.
-inline torch::Tensor graph_parameter(const ModuleMap& modules, const GraphNode& n) {
-  return layer_tensor(*modules.at(n.module), n.parameter);
-}
-
-// Which output channels of a Layer, Norm or Parameter node are exact zeros with the model's
-// current parameters: asked of the node's layer rule.
-inline ZeroOutputs zero_outputs_of(const ModuleMap& modules) {
-  return [&modules](const GraphNode& n) -> std::vector<char> {
-    if (n.kind == OpKind::Parameter) {
-      torch::NoGradGuard no_grad;
-      const torch::Tensor p = graph_parameter(modules, n);
-      const torch::Tensor z = zero_slices(p, n.parameter_dim).to(torch::kCPU).contiguous();
-      return {z.data_ptr<bool>(), z.data_ptr<bool>() + z.numel()};
-    }
-    const auto& m = *modules.at(n.module);
-    const auto channels = static_cast<std::int64_t>(layer_tensor(m, n.rule->tensors.front().name).size(n.rule->tensors.front().out_dim));
-    return zero_outputs(*n.rule, m, channels);
-  };
-}
-
 // One module's new shape, computed before anything changes.
 struct ModuleCut {
   std::shared_ptr<torch::nn::Module> module;  // null for a free parameter
@@ -176,8 +153,7 @@ struct PrunePlan {
 
 inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g, bool approximate) {
   torch::NoGradGuard no_grad;
-  ModuleMap modules;
-  for (const auto& item : root.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
+  const ModuleMap modules = module_map(root);
   for (const auto& n : g.nodes())
     if ((n.kind == OpKind::Layer || n.kind == OpKind::Norm || n.kind == OpKind::Parameter))
       check_argument(modules.count(n.module) != 0 && (n.kind == OpKind::Parameter || rule_of(*modules.at(n.module)) == n.rule),
@@ -186,11 +162,7 @@ inline PrunePlan plan_pruning(torch::nn::Module& root, const Graph& g, bool appr
 
   const auto zero = zero_channels(g, zero_outputs_of(modules));
   const std::vector<char> removable = removable_units(g, zero, approximate);
-  std::vector<char> removed = removable;
-  for (const auto& group : g.groups()) {
-    const bool all = std::all_of(group.units.begin(), group.units.end(), [&](auto u) { return removed[u]; });
-    if (all && !group.units.empty()) removed[group.units.front()] = 0;  // keep one
-  }
+  const std::vector<char> removed = units_to_remove(g, removable);
 
   PrunePlan plan;
   plan.report.barriers = g.barriers();
