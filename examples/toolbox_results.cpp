@@ -162,10 +162,10 @@ class Comparison {
   // Parameters and buffers of `from` into `to` (the same architecture).
   static void copy_values(const Model& from, Model& to) {
     torch::NoGradGuard no_grad;
-    auto source = detail::impl(from).named_parameters();
-    for (auto& p : detail::impl(to).named_parameters()) p.value().copy_(source[p.key()]);
-    auto buffers = detail::impl(from).named_buffers();
-    for (auto& b : detail::impl(to).named_buffers()) b.value().copy_(buffers[b.key()]);
+    auto source = fasterai::detail::impl(from).named_parameters();
+    for (auto& p : fasterai::detail::impl(to).named_parameters()) p.value().copy_(source[p.key()]);
+    auto buffers = fasterai::detail::impl(from).named_buffers();
+    for (auto& b : fasterai::detail::impl(to).named_buffers()) b.value().copy_(buffers[b.key()]);
   }
 
   Settings s_;
