@@ -209,6 +209,25 @@ TEST_CASE("trace: permutes and transposes carry the channels where they go", "[g
   CHECK_FALSE(g.units()[g.units_of(mix.output).front()].fixed);
 }
 
+TEST_CASE("trace: one channel of a batch of one, flattened, still reaches the Linear as its features", "[graph]") {
+  // [1, 1, 1, 1] -> [1, 1] fits the channels on either dimension: they stay on dimension 1, so
+  // the Linear is a layer (counted, prunable), not a barrier.
+  nn::Sequential net(nn::Conv2d(nn::Conv2dOptions(2, 1, 3)), nn::AdaptiveAvgPool2d(1), nn::Flatten(),
+                     nn::Linear(1, 4));
+  for (const std::int64_t batch : {1, 2}) {
+    INFO("batch " << batch);
+    const Graph g = trace(*net, torch::randn({batch, 2, 5, 5}));
+    INFO(g);
+    const auto& fc = g.nodes()[node_of(g, "3")];
+    CHECK(fc.kind == OpKind::Layer);
+    CHECK(g.values()[fc.inputs.front()].channel_dim == 1);
+    CHECK(g.units_of(fc.inputs.front()) == g.units_of(g.nodes()[node_of(g, "0")].output));
+  }
+  CHECK(fasterai::detail::map_view({1, 1, 1, 1}, 1, 1, 1, {1, 1}).dim == 1);
+  CHECK(fasterai::detail::map_view({1, 1, 3, 3}, 1, 1, 1, {1, 9}).block == 9);
+  CHECK(fasterai::detail::map_view({2, 1, 1, 1}, 1, 1, 1, {2, 1}).dim == 1);
+}
+
 TEST_CASE("trace: an operation it does not know is a barrier that names what it protects", "[graph]") {
   FlipNet net;
   const Graph g = trace(net, torch::randn({1, 3, 4, 4}));

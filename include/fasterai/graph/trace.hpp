@@ -121,7 +121,7 @@ inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, st
   const auto b = product(in, 0, static_cast<std::size_t>(cd)) * outer;
   const auto a = product(in, static_cast<std::size_t>(cd) + 1);
   const auto c = channels;
-  for (std::size_t j = 0; j < out.size(); ++j) {
+  auto at = [&](std::size_t j) -> ViewMap {
     const auto pre = product(out, 0, j), post = product(out, j + 1), here = out[j];
     const auto dim = static_cast<std::int64_t>(j);
     if (pre * here == b * c && here % c == 0 && post == a) return {dim, 1, 0, here / c};
@@ -130,7 +130,14 @@ inline ViewMap map_view(const std::vector<std::int64_t>& in, std::int64_t cd, st
       const auto g = pre * here / b;
       if (g > 1 && g < c && c % g == 0 && here % g == 0 && post * g == c * a) return {dim, 1, g, here / g};
     }
-  }
+    return {};
+  };
+  // Dimensions of size 1 can make several places fit ([1, 1, 1, 1] -> [1, 1]: one channel of a
+  // batch of one): the channels stay where they were when that place fits.
+  if (cd < static_cast<std::int64_t>(out.size()))
+    if (const auto same = at(static_cast<std::size_t>(cd)); same.dim >= 0) return same;
+  for (std::size_t j = 0; j < out.size(); ++j)
+    if (const auto m = at(j); m.dim >= 0) return m;
   return {};
 }
 
