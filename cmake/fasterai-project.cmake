@@ -2,7 +2,7 @@
 
 # Strict warnings for project code; LibTorch and range-v3 come in as system headers.
 add_library(fasterai_strict INTERFACE)
-target_compile_options(fasterai_strict INTERFACE -Wall -Wextra -Wpedantic -Werror)
+target_compile_options(fasterai_strict INTERFACE -Wall -Wextra -Wpedantic $<$<BOOL:${FASTERAI_WERROR}>:-Werror>)
 target_link_libraries(fasterai_strict INTERFACE fasterai::fasterai)
 if(FASTERAI_SANITIZE)
   # The instrumentation changes GCC's inlining, which then reports -Wmaybe-uninitialized

@@ -23,6 +23,9 @@
 #      CTest labels, one process per core, each test limited to GPU_CHECK_TEST_TIMEOUT_S (120),
 #      the whole run stopped before the budget ends.
 #
+# Warnings do not stop the build here (FASTERAI_WERROR=OFF: a newer LibTorch than CI's may warn
+# where 1.13 and 2.6 do not); the summary lists those in fasterai's own files.
+#
 # Dependencies: python3 with a CUDA torch; cmake >= 3.21 and a C++20 g++; the CUDA toolkit
 # (nvcc): PyTorch's TorchConfig.cmake refuses to configure a CUDA LibTorch without it ("uses
 # CUDA but I cannot find the CUDA libraries"); Catch2 (2 or 3), range-v3 and zlib headers.
@@ -194,7 +197,8 @@ if ((cmake_ok)); then
     -DCMAKE_CXX_COMPILER="$(command -v "$cxx")" \
     -DTorch_DIR="$prefix/Torch" -DCMAKE_PREFIX_PATH="$prefix_path" "${zlib_args[@]}" \
     ${nvcc:+-DCUDAToolkit_ROOT="$(dirname "$(dirname "$nvcc")")"} \
-    -DFASTERAI_BUILD_TESTS=ON -DFASTERAI_BUILD_EXAMPLES=ON -DFASTERAI_BUILD_BENCHMARKS=$benchmarks
+    -DFASTERAI_BUILD_TESTS=ON -DFASTERAI_BUILD_EXAMPLES=ON -DFASTERAI_BUILD_BENCHMARKS=$benchmarks \
+    -DFASTERAI_WERROR=OFF
   if [[ $? == 0 ]]; then
     configured=1
     grep -E "fasterai tests|Catch2|CUDA|cuDNN" "$logs/configure.log" | head -n 12 | sed 's/^/    /' | tee -a "$summary" >/dev/null
@@ -254,6 +258,9 @@ EOF
     grep -m 20 -E "error|Error" "$logs/build-phase-a.log" | sed 's/^/    /' | tee -a "$summary" >/dev/null
     status=1
   fi
+  warned=$(grep -E "^/.*(include/fasterai|tests|examples)/.*warning:" "$logs/build-phase-a.log" | sort -u)
+  say "warnings in fasterai's code (-Werror is off here): $(grep -c . <<<"$warned" || true)"
+  head -n 8 <<<"$warned" | sed 's/^/    /' | tee -a "$summary" >/dev/null
   if [[ -n $nccl_pid ]]; then
     wait "$nccl_pid"
     nccl=$?
