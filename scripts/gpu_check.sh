@@ -219,7 +219,7 @@ fi
 ran_cuda=0
 if ((cuda_target)); then
   # NCCL: the data-parallel headers compiled with test_cuda's own command line (its flags and
-  # LibTorch's compile definitions, USE_C10D_NCCL where the build has NCCL), beside the build.
+  # LibTorch's compile definitions), beside the build: which c10d backends were compiled in.
   "$python" - "$build" "$root" >"$logs/nccl-command.sh" <<'EOF'
 import json, shlex, sys
 build, root = sys.argv[1:3]
@@ -239,8 +239,10 @@ for entry in json.load(open(f"{build}/compile_commands.json")):
                 continue
             out.append(a)
         print("cd " + shlex.quote(entry["directory"]) + " && printf '#include <fasterai/dist/process_group.hpp>\\n"
-              "#include <fasterai/dist/data_parallel.hpp>\\n#ifdef USE_C10D_NCCL\\n#pragma message(\"USE_C10D_NCCL defined: the NCCL branch was compiled\")\\n"
-              "#else\\n#pragma message(\"USE_C10D_NCCL not defined: only the Gloo branch was compiled\")\\n#endif\\n' | "
+              "#include <fasterai/dist/data_parallel.hpp>\\n#ifdef FASTERAI_C10D_NCCL\\n#pragma message(\"NCCL branch compiled\")\\n"
+              "#else\\n#pragma message(\"NCCL branch left out (no USE_C10D_NCCL or no nccl.h)\")\\n#endif\\n"
+              "#ifdef FASTERAI_C10D_GLOO\\n#pragma message(\"Gloo branch compiled\")\\n"
+              "#else\\n#pragma message(\"Gloo branch left out (no Gloo headers)\")\\n#endif\\n' | "
               + " ".join(shlex.quote(a) for a in out) + " -fsyntax-only -x c++ -")
         break
 EOF
@@ -265,7 +267,7 @@ EOF
     wait "$nccl_pid"
     nccl=$?
     say "dist headers (process_group, data_parallel) with this LibTorch: $([[ $nccl == 0 ]] && echo compiled || echo "FAILED ($nccl)")"
-    grep -m 3 -E "pragma message|error" "$logs/nccl-compile.log" | sed 's/^/    /' | tee -a "$summary" >/dev/null
+    grep -m 4 -E "pragma message|error" "$logs/nccl-compile.log" | sed 's/^/    /' | tee -a "$summary" >/dev/null
   fi
   if [[ $build_a == 0 ]]; then
     say "-- ctest -L cuda"

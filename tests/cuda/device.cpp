@@ -346,9 +346,15 @@ TEST_CASE("CUDA: optimize_for_inference keeps a GPU model's outputs and runs on 
   const auto y = fast(x);
   CHECK(y.is_cuda());
   CHECK(relative_error(y, expected) <= 1e-4);
+  // Only the path that won is kept (the eager copy's tensors go when optimized won); each path,
+  // forced, runs on the GPU with the model's outputs.
+  CHECK(relative_error(fast->run(fast->report().path, x), expected) <= 1e-4);
   for (const auto path : {InferencePath::optimized, InferencePath::eager}) {
     INFO(to_string(path));
-    const auto z = fast->run(path, x);
+    InferenceModel forced =
+        optimize_for_inference(model, x, OptimizeOptions().choose_by_measurement(false).path(path));
+    CHECK(forced->report().path == path);
+    const auto z = forced->run(path, x);
     CHECK(z.is_cuda());
     CHECK(relative_error(z, expected) <= 1e-4);
   }

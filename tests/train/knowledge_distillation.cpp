@@ -122,8 +122,9 @@ TEST_CASE("KnowledgeDistillation adds the teacher's term to the Learner's loss",
   } check(teacher);
 
   std::ostringstream out;
+  // On the CPU, where Check's teacher is (the Learner on CUDA is tests/cuda's).
   Learner learn(student, fixtures::blobs(96, 16, 1), fixtures::blobs(32, 16, 2),
-                LearnerOptions().out(&out).progress(Progress::None));
+                LearnerOptions().out(&out).progress(Progress::None).device(torch::kCPU));
   learn.fit(2, 1e-2, {kd, check});
   REQUIRE(check.got.size() == 2 * (6 + 2));
   for (size_t i = 0; i < check.got.size(); ++i)

@@ -21,8 +21,9 @@ TEST_CASE("a lottery ticket trained by a Learner: masks in force through Adam, s
   for (const auto& p : model->parameters()) init.push_back(p.detach().clone());
   LotteryTicket<> ticket(model, SparsifierOptions(75).include_linear(true), 2);
   std::ostringstream out;
+  // On the CPU, where the saved initial weights are (the Learner on CUDA is tests/cuda's).
   Learner learn(model, fixtures::blobs(128, 16, 1), fixtures::blobs(64, 32, 2),
-                LearnerOptions().out(&out).progress(Progress::None));
+                LearnerOptions().out(&out).progress(Progress::None).device(torch::kCPU));
   torch::Tensor previous;
   for (int round = 0; round <= ticket.rounds(); ++round) {
     if (round > 0) {

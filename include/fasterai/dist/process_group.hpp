@@ -15,9 +15,11 @@
 // check in with each other through the store and throw a dist::error that names the ranks that
 // did not, the timeout and the backend's own message.
 //
-// Backends: Gloo is built into Debian's and PyTorch's CPU LibTorch (its headers come with
-// Debian's libgloo-dev). NCCL is compiled in only where LibTorch's build defines
-// USE_C10D_NCCL (CUDA builds); elsewhere asking for it is an argument_error.
+// Backends: Gloo is built into Debian's and PyTorch's LibTorch, but its headers come only with
+// Debian's libgloo-dev (PyTorch's pip wheels ship LibTorch without them). NCCL is compiled in
+// only where LibTorch's build defines USE_C10D_NCCL (CUDA builds) and nccl.h is on the include
+// path. A backend whose headers are missing is left out (FASTERAI_C10D_GLOO / FASTERAI_C10D_NCCL
+// say which are in); asking for it is an argument_error.
 
 #include <chrono>
 #include <cstdint>
@@ -39,12 +41,19 @@
 #define USE_C10D_GLOO 1
 #endif
 
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)
+#define FASTERAI_C10D_GLOO 1
+#endif
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#define FASTERAI_C10D_NCCL 1
+#endif
+
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#ifdef USE_C10D_GLOO
+#ifdef FASTERAI_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
-#ifdef USE_C10D_NCCL
+#ifdef FASTERAI_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -68,10 +77,10 @@ inline const char* backend_name(Backend b) { return b == Backend::NCCL ? "nccl" 
 
 // Whether this build of fasterai can create a process group of backend `b`.
 inline bool backend_available(Backend b) {
-#ifdef USE_C10D_NCCL
+#ifdef FASTERAI_C10D_NCCL
   if (b == Backend::NCCL) return true;
 #endif
-#ifdef USE_C10D_GLOO
+#ifdef FASTERAI_C10D_GLOO
   if (b == Backend::Gloo) return true;
 #endif
   return false;
@@ -229,8 +238,9 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
                  detail::seconds_text(options_.timeout()), "a positive duration");
   check_argument(backend_available(options_.backend()), where, "backend",
                  backend_name(options_.backend()),
-                 "a backend this LibTorch was built with (NCCL needs a CUDA build with "
-                 "USE_C10D_NCCL; Gloo needs the Gloo headers, Debian's libgloo-dev)");
+                 "a backend this LibTorch was built with and whose headers are installed (NCCL "
+                 "needs a CUDA build with USE_C10D_NCCL and nccl.h; Gloo needs the Gloo headers, "
+                 "Debian's libgloo-dev)");
 
   c10d::TCPStoreOptions store_options;
   store_options.port = static_cast<std::uint16_t>(env_.master_port);
@@ -266,7 +276,7 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
 
   try {
     if (options_.backend() == Backend::NCCL) {
-#ifdef USE_C10D_NCCL
+#ifdef FASTERAI_C10D_NCCL
       auto o = c10d::ProcessGroupNCCL::Options::create();
       o->timeout = options_.timeout();
       group_ = libtorch::process_group<c10d::ProcessGroup>(
@@ -274,7 +284,7 @@ inline ProcessGroup::ProcessGroup(Environment environment, ProcessGroupOptions o
           store_, env_.rank, env_.world_size, c10::DeviceType::CUDA, /*nccl=*/true);
 #endif
     } else {
-#ifdef USE_C10D_GLOO
+#ifdef FASTERAI_C10D_GLOO
       auto o = c10d::ProcessGroupGloo::Options::create(options_.timeout());
       // As torch.distributed: GLOO_SOCKET_IFNAME names the interface; otherwise a job on
       // loopback stays on loopback, and others use the address this host's name resolves to.
