@@ -7,7 +7,8 @@
 //   5. Pruner        remove the zeroed filters           (outputs unchanged)
 //   6. BNFolder      fold the BatchNorms                 (outputs unchanged)
 //   7. FCDecomposer  factorize the classifier (0.5), then a short fine-tune
-//   8. int8          static quantization (Calibrator, 16 training batches)
+//   8. int8          static quantization (Calibrator, 16 training batches); with --qat-epochs N
+//                    also quantization-aware training for N epochs, then the same conversion
 //
 // and a summary table, one row per stage: parameters, size, MACs, latency (batch 1) of the eager
 // model and of its optimized TorchScript export, test accuracy. The final fp32 model is exported
@@ -23,6 +24,7 @@
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/dist/launched_job.hpp>
 #include <fasterai/quant/calibrator.hpp>
+#include <fasterai/quant/qat.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>
 #include <fasterai/transform/pruner.hpp>
@@ -61,6 +63,8 @@ struct Args {
   std::string export_path = "walkthrough_final.pt";
   int latency_rounds = 5;   // interleaved rounds over the stages; medians and spread over them
   std::size_t calibration_batches = 16;  // int8: training batches the calibration observes
+  int qat_epochs = 0;                    // int8: epochs of quantization-aware training (0: none)
+  double qat_lr = 1e-4;                  // its learning rate (constant)
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::uint64_t seed = 42;
   int threads = 1;          // for the latency measurements
@@ -145,6 +149,12 @@ class Walkthrough {
   }
 
   const Row& last() const { return rows_.back(); }
+  // The last fp32 stage: the int8 stages come after it.
+  const Row& last_fp32() const {
+    auto r = rows_.rbegin();
+    while (r->stage.rfind("int8", 0) == 0 && std::next(r) != rows_.rend()) ++r;
+    return *r;
+  }
   const data::Batches& train_data() const { return train_; }
 
   void add(Row row) {
@@ -192,17 +202,18 @@ class Walkthrough {
       std::cout << " | " << std::setprecision(2) << 100 * r.accuracy << "% |\n";
     }
     const Row& base = rows_.front();
-    const Row& int8 = rows_.back();
-    const Row& last = rows_[rows_.size() - 2];  // the last fp32 stage
+    const Row& last = last_fp32();
     std::cout << std::setprecision(2) << "\nFinal fp32 vs baseline: " << double(base.parameters) / double(last.parameters)
               << "x fewer parameters, " << double(base.macs) / double(last.macs) << "x fewer MACs, "
               << median(base.eager_ms) / median(last.eager_ms) << "x lower latency (eager), ";
     if (last.optimized)
       std::cout << median(base.eager_ms) / median(last.optimized_ms) << "x (final optimized vs baseline eager), ";
     std::cout << "accuracy " << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
-              << " points.\nint8 vs final fp32: " << double(last.bytes) / double(int8.bytes) << "x smaller, "
-              << median(last.eager_ms) / median(int8.eager_ms) << "x lower latency (eager), accuracy "
-              << std::showpos << 100 * (int8.accuracy - last.accuracy) << std::noshowpos << " points.\n";
+              << " points.\n";
+    for (const Row* int8 = &last + 1; int8 != rows_.data() + rows_.size(); ++int8)
+      std::cout << int8->stage << " vs final fp32: " << double(last.bytes) / double(int8->bytes) << "x smaller, "
+                << median(last.eager_ms) / median(int8->eager_ms) << "x lower latency (eager), accuracy "
+                << std::showpos << 100 * (int8->accuracy - last.accuracy) << std::noshowpos << " points.\n";
   }
 
   // The last fp32 stage as a TorchScript file (Python: torch.jit.load(path)(x)); one process
@@ -238,7 +249,7 @@ void plan_budget(Args& a) {
       models::compact_vgg(models::CompactVGGOptions().widths({32, 64, 128}).hidden(512)), a.batch_size);
   const double per_train_image = a.epochs * base + a.teacher_epochs * teacher +
                                  a.epochs * (base + teacher / 3) + a.sparsify_epochs * base +
-                                 a.finetune_epochs * base;
+                                 a.finetune_epochs * base + a.qat_epochs * base;
   const int student_evaluations = 2 * a.epochs + a.sparsify_epochs + a.finetune_epochs + 7;
   const double per_test_image = student_evaluations * base / 3 + (a.teacher_epochs + 1) * teacher / 3;
   const double available = 0.75 * a.budget_minutes * 60;
@@ -283,6 +294,8 @@ int main(int argc, char** argv) {
       .option("--budget-minutes", a.budget_minutes, "time budget of the default run; sizes the training subset when --train is 0")
       .option("--export", a.export_path, "TorchScript file of the final model (empty: none)")
       .option("--calibration-batches", a.calibration_batches, "int8: training batches the calibration observes")
+      .option("--qat-epochs", a.qat_epochs, "int8: epochs of quantization-aware training after the static stage (0: none)")
+      .option("--qat-lr", a.qat_lr, "int8: learning rate of quantization-aware training (constant)")
       .option("--latency-rounds", a.latency_rounds, "interleaved latency rounds over the stages")
       .option("--test", a.test, "test images (a seeded random subset below 10000; 0: as many as the time budget allows)")
       .option("--data", a.data, "folder of the Fashion-MNIST files")
@@ -290,6 +303,8 @@ int main(int argc, char** argv) {
       .option("--seed", a.seed, "seed of initialization, shuffling and subsets");
   return cli.run(argc, argv, [&] {
     // Under scripts/launch.sh: data-parallel Learners, and output from rank 0 only.
+    if (a.qat_epochs < 0 || !(a.qat_lr > 0))
+      throw example::usage_error("--qat-epochs must be >= 0 and --qat-lr > 0");
     const auto job = dist::join_launched_job();
     const auto start = std::chrono::steady_clock::now();
     if (a.quick) {
@@ -350,7 +365,15 @@ int main(int argc, char** argv) {
             " training batches");
     Calibrator calibrator(factorized);
     calibrator.observe(w.train_data(), a.calibration_batches);
-    w.record_int8("int8 (static)", calibrator.convert(), w.last());
+    w.record_int8("int8 (static)", calibrator.convert(), w.last_fp32());
+    if (a.qat_epochs > 0) {
+      w.title("8b. int8: quantization-aware training, " + std::to_string(a.qat_epochs) +
+              " epoch(s) at a constant " + std::to_string(a.qat_lr) + ", then the same conversion");
+      QuantizationAwareTraining qat(factorized);
+      auto qat_learn = w.learner(qat.model());
+      qat_learn.fit(a.qat_epochs, a.qat_lr, {qat});
+      w.record_int8("int8 (QAT)", qat.convert(), w.last_fp32());
+    }
 
     std::cout << "\n### Latency: " << a.latency_rounds << " interleaved rounds over the stages\n";
     w.measure_latencies();
