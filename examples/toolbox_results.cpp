@@ -39,6 +39,8 @@ struct Settings {
   int epochs = 2, rounds = 2, finetune = 1;
   double sparsity = 80, filters = 50, lr = 3e-3;
   std::int64_t subset = 5000, test = 10000;
+  std::int64_t probe = 1000;                     // training images the sensitivity analysis measures
+  std::vector<double> levels{10, 20, 30, 40, 50, 60, 70, 80, 90};  // its sparsities
   std::uint64_t seed = 42;
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   bool quick = false;
@@ -64,7 +66,7 @@ class Comparison {
     test_options.subset(s.test).subset_seed(s.seed);
     // The sensitivity analysis measures on training images (another draw than the training
     // subset), never on the test images the table reports.
-    probe_options.subset(std::min<std::int64_t>(1000, s.subset)).subset_seed(s.seed + 1);
+    probe_options.subset(std::min(s.probe, s.subset)).subset_seed(s.seed + 1);
     train_ = data::make_batches(data::FashionMNIST(data::Split::Train, train_options),
                                 data::LoaderOptions(128).shuffle(true));
     test_ = data::make_batches(data::FashionMNIST(data::Split::Test, test_options), data::LoaderOptions(1000));
@@ -146,7 +148,7 @@ class Comparison {
 
     Model probe = fresh();
     copy_values(trained, probe);
-    const auto table = sensitivity<g::Filter, c::L1>(probe, probe_, SensitivityOptions());
+    const auto table = sensitivity<g::Filter, c::L1>(probe, probe_, SensitivityOptions().sparsities(s_.levels));
     std::cout << table;
     // The budget is per example of the analysis' trace (1x28x28), as count_macs here.
     const auto targets = layer_targets_for_budget(table, cut, Budget::Macs);
@@ -225,9 +227,13 @@ int main(int argc, char** argv) try {
       .option("--test", s.test, "test images the accuracies are measured on")
       .option("--data", s.data_dir, "folder of the Fashion-MNIST IDX files")
       .option("--seed", s.seed, "seed of initialization, shuffling and subsets")
-      .flag("--quick", s.quick, "1 epoch, 1 round, 1000 training and 500 test images (a smoke test)");
+      .flag("--quick", s.quick,
+            "1 epoch, 1 round, 1000 training and 500 test images, sensitivity at 30/60/90% on 200 (a smoke test)");
   cli.parse(argc, argv);
-  if (s.quick) s.epochs = 1, s.rounds = 1, s.finetune = 1, s.subset = 1000, s.test = 500;
+  if (s.quick) {
+    s.epochs = 1, s.rounds = 1, s.finetune = 1, s.subset = 1000, s.test = 500, s.probe = 200;
+    s.levels = {30, 60, 90};
+  }
   if (s.epochs < 1 || s.rounds < 1 || s.finetune < 1 || s.subset < 1 || s.test < 1 || s.sparsity <= 0 ||
       s.sparsity >= 100 || s.filters <= 0 || s.filters >= 100 || s.lr <= 0 || (s.model != "vgg" && s.model != "resnet"))
     throw example::usage_error(
