@@ -259,10 +259,7 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
   copy->eval();
   {
     torch::NoGradGuard no_grad;
-    const double scale = masked.abs().max().item<double>();
-    const torch::Tensor compressed = copy->forward(example);
-    const double largest = (compressed - masked).abs().max().item<double>();
-    report.max_difference = scale > 0 ? largest / scale : largest;
+    report.max_difference = detail::difference_to_scale(copy->forward(example), masked);
   }
   report.parameters_after = count_parameters(copy);
   report.macs_after = count_macs(copy, sample_shape).total();

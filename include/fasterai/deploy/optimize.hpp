@@ -328,10 +328,9 @@ InferenceModel optimize_for_inference(Model& model, const torch::Tensor& example
     // is not used (see OptimizeReport::optimized_rejected). Under InferenceMode, as
     // InferenceModel runs it (the oneDNN operators have no autograd kernels).
     c10::InferenceMode inference;
-    const auto want = portable.clone().forward({example_input}).toTensor();
-    const auto got = exported.clone().forward({example_input}).toTensor();
-    const double scale = std::max(want.abs().max().item<double>(), 1e-6);
-    report.optimized_difference = (got - want).abs().max().item<double>() / scale;
+    report.optimized_difference =
+        detail::difference_to_scale(exported.clone().forward({example_input}).toTensor(),
+                                    portable.clone().forward({example_input}).toTensor());
     if (!(report.optimized_difference <= 1e-3)) {
       TORCH_WARN(where, ": LibTorch's optimize_for_inference changed the outputs by ",
                  report.optimized_difference, " of their scale on the example; the frozen module is used");

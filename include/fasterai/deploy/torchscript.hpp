@@ -185,6 +185,16 @@ inline double relative_difference(const torch::Tensor& a, const torch::Tensor& b
   return (a - b).abs().max().template item<double>() / scale;
 }
 
+// max|a - b| in units of max|b|, however small b's values are (an untrained network's outputs
+// can be far below 1, where relative_difference would be an absolute difference); absolute
+// when b is all zeros.
+inline double difference_to_scale(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.sizes() != b.sizes()) return std::numeric_limits<double>::infinity();
+  const double scale = b.abs().max().template item<double>();
+  const double largest = (a - b).abs().max().template item<double>();
+  return scale > 0 ? largest / scale : largest;
+}
+
 }  // namespace detail
 
 template <traceable Model>

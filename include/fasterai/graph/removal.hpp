@@ -121,7 +121,7 @@ inline std::vector<char> units_to_remove(const Graph& g, const std::vector<char>
 // A model's modules by qualified name, as the graph names them.
 using ModuleMap = std::map<std::string, std::shared_ptr<torch::nn::Module>>;
 
-inline ModuleMap module_map(torch::nn::Module& root) {
+inline ModuleMap module_map(const torch::nn::Module& root) {
   ModuleMap modules;
   for (const auto& item : root.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
   return modules;

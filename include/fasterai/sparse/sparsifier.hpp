@@ -400,15 +400,14 @@ class Sparsifier final : public SparsifierInterface {
       return torch::tensor(idx, torch::kLong);
     };
     for (auto& t : targets_) t.units = torch::full({t.layer.weight().size(0)}, none, torch::kLong);
-    std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
-    for (const auto& item : model.named_modules("", /*include_self=*/true)) modules[item.key()] = item.value();
+    const detail::ModuleMap modules = detail::module_map(model);
     std::set<std::string> seen;
     for (const auto& n : g.nodes()) {
       if (n.kind == OpKind::Parameter) {
         if (!seen.insert(parameter_name(n)).second) continue;
         const auto idx = unit_index(g.units_of(n.output));
         if ((idx != none).any().template item<bool>())
-          channel_tensors_.push_back({detail::layer_tensor(*modules.at(n.module), n.parameter), idx, {}, n.parameter_dim});
+          channel_tensors_.push_back({detail::graph_parameter(modules, n), idx, {}, n.parameter_dim});
         continue;
       }
       if (n.module.empty() || !seen.insert(n.module).second) continue;  // first call of a module
