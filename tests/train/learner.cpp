@@ -312,6 +312,43 @@ TEST_CASE("Learner takes other losses, metrics and optimizers", "[learner]") {
   CHECK_THAT(out.str(), Contains("accuracy  error_rate  time"));
 }
 
+TEST_CASE("A NaN training loss stops the fit before its step, naming the batch", "[learner]") {
+  // Batches of 16 from 64 examples: 4 per epoch, in order, at a constant learning rate. The
+  // loss turns NaN at the 5th batch (epoch 1, batch 0): the weights must be those of a fit of
+  // one epoch (4 steps) from the same start.
+  auto run = [](int epochs, int nan_at, bool stop, std::vector<torch::Tensor>* weights) {
+    torch::manual_seed(0);
+    auto model = fixtures::mlp();
+    std::ostringstream out;
+    int calls = 0;
+    auto options = quiet(out).optimizer(OptimizerKind::SGD).stop_on_nan(stop).loss(
+        [&calls, nan_at](const torch::Tensor& pred, const torch::Tensor& target) {
+          auto loss = torch::nn::functional::cross_entropy(pred, target);
+          return ++calls == nan_at ? loss * std::numeric_limits<float>::quiet_NaN() : loss;
+        });
+    Learner learn(model, fixtures::blobs(64, 16, 2), {}, options);
+    std::string error;
+    try {
+      learn.fit(epochs, 0.1);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    *weights = fixtures::snapshot(*model);
+    return error;
+  };
+  std::vector<torch::Tensor> stopped, one_epoch, trained_on;
+  CHECK_THAT(run(2, 5, true, &stopped), Contains("fasterai::Learner::fit") &&
+                                            Contains("the training loss is nan") &&
+                                            Contains("epoch 1, batch 0") && Contains("stop_on_nan"));
+  CHECK(run(1, -1, true, &one_epoch).empty());
+  CHECK(fixtures::same(stopped, one_epoch));
+  // Not stopping: the NaN step spreads NaN into the weights, and the fit ends without error.
+  CHECK(run(2, 5, false, &trained_on).empty());
+  bool any_nan = false;
+  for (const auto& w : trained_on) any_nan = any_nan || !w.isfinite().all().item<bool>();
+  CHECK(any_nan);
+}
+
 TEST_CASE("Learner rejects bad arguments before touching the model", "[learner]") {
   torch::manual_seed(0);
   auto model = fixtures::mlp();

@@ -97,6 +97,11 @@ struct LearnerOptions {
   TORCH_ARG(std::string, csv_log);
   TORCH_ARG(detail::ostream_ptr, out) = &std::cout;  // table, progress and callback reports; nullptr: silent
   TORCH_ARG(Progress, progress) = Progress::Auto;
+  // Stop the fit with an error at the first training batch whose loss is NaN or ±Inf, before
+  // its backward pass: the weights stay those of the last finite step (which a NaN step would
+  // overwrite everywhere), and the error names the epoch and batch. false: train on, as fastai
+  // does without its TerminateOnNaN callback.
+  TORCH_ARG(bool, stop_on_nan) = true;
   // Train data-parallel: the model is broadcast from rank 0 at construction and at each fit,
   // gradients are averaged after every backward (before any callback's before_step, so
   // sparsification sees the averaged gradients), validation sums are reduced so every rank
@@ -449,6 +454,11 @@ inline void Learner::train_batch(const torch::data::Example<>& batch, CallbackLi
     detail::throw_argument_error("fasterai::Learner", "loss",
                                  s.loss.defined() ? s.loss.sizes() : c10::IntArrayRef{},
                                  "a loss function (or callback) that returns a scalar");
+  if (options_.stop_on_nan())
+    if (const double loss = s.loss.item<double>(); !std::isfinite(loss))
+      throw std::runtime_error(detail::concat(
+          "fasterai::Learner::fit: the training loss is ", std::to_string(loss), " at epoch ",
+          std::to_string(s.epoch), ", batch ", std::to_string(s.iter), "; the weights are those of the step before (LearnerOptions::stop_on_nan)"));
   s.loss.backward();
   if (auto& parallel = options_.parallel()) parallel->average_gradients(module_->parameters());
   callbacks.before_step(s);
