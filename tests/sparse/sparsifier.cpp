@@ -232,8 +232,20 @@ TEST_CASE("step follows the schedule and recomputes masks only when the count ch
   sp.step(0.5);
   CHECK(sp.sparsity() == Approx(80 + (20 - 80) * 0.125));
   const auto mask = sp.mask("features.3");
-  sp.step(0.5000001);  // same count of groups: the mask is the very same tensor
-  CHECK(sp.mask("features.3").is_same(mask));
+  {
+    // A kept weight made zero, ahead of a pruned one: a recomputation would select it (ties go
+    // to the earliest positions) and drop the last pruned weight. The same count of groups
+    // recomputes nothing, so the mask stays as it is.
+    const auto kept = (~mask).flatten().nonzero().flatten();
+    const auto pruned = mask.flatten().nonzero().flatten();
+    REQUIRE(kept[0].item<std::int64_t>() < pruned[-1].item<std::int64_t>());
+    torch::NoGradGuard no_grad;
+    model->named_parameters()["features.3.weight"].view({-1})[kept[0].item<std::int64_t>()] = 0.0f;
+  }
+  sp.step(0.5000001);
+  CHECK(sp.mask("features.3").equal(mask));
+  sp.prune(sp.sparsity());  // a forced recomputation at the same count does select it
+  CHECK_FALSE(sp.mask("features.3").equal(mask));
   sp.step(1.0);
   CHECK(sp.sparsity() == 80.0);
   CHECK(sp.mask("features.3").sum().item<std::int64_t>() == 8 * 8 * 9 * 80 / 100);

@@ -1,14 +1,23 @@
 #pragma once
-// Selection of the k lowest scores over several tensors, without sorting.
+// Selection of the k lowest values over several tensors, without sorting: one routine for
+// every selection the sparsifiers make.
 //
 // A global threshold over a whole network means selecting among up to ~10^8 values: sorting
 // them costs n log n and, as torch.kthvalue, a full copy; torch.quantile refuses more than
 // 16M elements.
-// Floats map to unsigned integers in the same order, so the k-th smallest is found with two
+// A float's bits map to an unsigned integer in the order of what is ranked (an `Order`: the
+// score itself, or the magnitude of a weight), so the k-th smallest is found with two
 // histogram passes (radix select on the high, then the low 16 bits): linear time, no copy, no
 // size limit, and the histograms also tell how many values lie below the threshold and how
 // many tie with it. Ties at the threshold are broken deterministically by position (tensor
-// order, then flat index), so exactly k values are selected.
+// order, then flat index), so exactly k values are selected. A last pass writes the masks and,
+// where asked, the 1/0 multipliers and the zeroed weights in the same sweep.
+//
+// Two entry points: select_lowest over scores (any criterion, any granularity), and
+// select_lowest_magnitude over weights, where the scores are |w|: a non-negative float orders
+// like its bits with the sign cleared, so no score tensor is made, a NaN or Inf shows in the
+// largest key of the first pass before anything is written, and the masks, multipliers and
+// zeroed weights come out of the same sweep. The two select the same values, bit for bit.
 
 #include <algorithm>
 #include <bit>
@@ -23,57 +32,66 @@
 
 namespace fasterai::detail {
 
-// Order-preserving map from float to uint32 (negative floats reversed below positives).
-inline std::uint32_t ordered_bits(float f) {
-  const auto u = std::bit_cast<std::uint32_t>(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-inline float from_ordered_bits(std::uint32_t key) {
-  const std::uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  return std::bit_cast<float>(u);
+// Four 32-bit lanes, for the loops GCC does not vectorize on its own.
+using lanes32 = std::uint32_t __attribute__((vector_size(16)));
+using signed_lanes32 = std::int32_t __attribute__((vector_size(16)));
+
+// Scores: any float, negatives reversed below positives; -0 ranks as +0, as comparing the
+// floats would.
+struct ScoreOrder {
+  static constexpr std::uint32_t high_bins = 1u << 16;
+  static std::uint32_t key(std::uint32_t bits) {
+    bits = bits == 0x80000000u ? 0u : bits;
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  }
+  static lanes32 key(lanes32 bits) {
+    bits &= ~reinterpret_cast<lanes32>(bits == 0x80000000u);                  // -0 -> +0
+    const auto negative = reinterpret_cast<lanes32>(reinterpret_cast<signed_lanes32>(bits) >> 31);
+    return bits ^ (negative | 0x80000000u);
+  }
+  static float value(std::uint32_t key) {
+    return std::bit_cast<float>((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+  }
+  static bool finite(std::uint32_t) { return true; }  // not checked: scores come from checked weights
+};
+
+// Weights ranked by magnitude: the bits with the sign cleared (+Inf above every finite value,
+// NaN above +Inf).
+struct MagnitudeOrder {
+  static constexpr std::uint32_t high_bins = 1u << 15;
+  static std::uint32_t key(std::uint32_t bits) { return bits & 0x7fffffffu; }
+  static lanes32 key(lanes32 bits) { return bits & 0x7fffffffu; }
+  static float value(std::uint32_t key) { return std::bit_cast<float>(key); }
+  static bool finite(std::uint32_t largest) { return largest < 0x7f800000u; }
+};
+
+template <class Order>
+inline std::uint32_t key_of(const float* p) {
+  std::uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  return Order::key(bits);
 }
 
 using Histogram = std::vector<std::int64_t>;
+constexpr std::int64_t chunk_grain = 1 << 18;
 
-// Runs f(data, begin, end) over chunks of every tensor in parallel, then reduces the
-// per-chunk results in order. Chunks are large enough to amortize the thread hand-off.
+// Runs f(tensor, chunk, data, begin, end) over chunks of every tensor in parallel. Chunks are
+// large enough to amortize the thread hand-off; results are kept per chunk and reduced in order
+// by the caller, so the outcome does not depend on the number of threads.
 template <class PerChunk>
 void for_each_chunk(const std::vector<torch::Tensor>& values, PerChunk&& f) {
-  constexpr std::int64_t grain = 1 << 18;
   for (size_t t = 0; t < values.size(); ++t) {
-    const float* data = values[t].data_ptr<float>();
+    float* data = values[t].data_ptr<float>();
     const std::int64_t n = values[t].numel();
-    const std::int64_t chunks = (n + grain - 1) / grain;
+    const std::int64_t chunks = (n + chunk_grain - 1) / chunk_grain;
     at::parallel_for(0, chunks, 1, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t c = begin; c < end; ++c)
-        f(t, c, data, c * grain, std::min(n, (c + 1) * grain));
+        f(t, c, data, c * chunk_grain, std::min(n, (c + 1) * chunk_grain));
     });
   }
 }
 
-inline std::int64_t chunk_count(const torch::Tensor& t) { return (t.numel() + (1 << 18) - 1) >> 18; }
-
-// Histogram of 16 bits of the keys: the high half, or the low half of the keys whose high half
-// is `high`. One partial histogram per thread, merged at the end.
-inline Histogram histogram16(const std::vector<torch::Tensor>& values, bool low_half,
-                             std::uint32_t high) {
-  std::vector<Histogram> partial(static_cast<size_t>(at::get_num_threads()), Histogram(1 << 16, 0));
-  for_each_chunk(values, [&](size_t, std::int64_t, const float* data, std::int64_t lo, std::int64_t hi) {
-    auto& h = partial[static_cast<size_t>(at::get_thread_num())];
-    if (!low_half) {
-      for (std::int64_t i = lo; i < hi; ++i) ++h[ordered_bits(data[i]) >> 16];
-    } else {
-      for (std::int64_t i = lo; i < hi; ++i) {
-        const std::uint32_t key = ordered_bits(data[i]);
-        if ((key >> 16) == high) ++h[key & 0xffffu];
-      }
-    }
-  });
-  Histogram total(1 << 16, 0);
-  for (const auto& h : partial)
-    for (size_t b = 0; b < total.size(); ++b) total[b] += h[b];
-  return total;
-}
+inline std::int64_t chunk_count(const torch::Tensor& t) { return (t.numel() + chunk_grain - 1) / chunk_grain; }
 
 // The bin holding the k-th (1-based) smallest value; k becomes its rank inside the bin.
 inline std::uint32_t find_bin(const Histogram& h, std::int64_t& k) {
@@ -84,6 +102,121 @@ inline std::uint32_t find_bin(const Histogram& h, std::int64_t& k) {
   throw std::logic_error("fasterai: selection rank beyond the number of values");
 }
 
+// The k-th smallest key of one set of tensors and its ties.
+struct KeyThreshold {
+  std::uint32_t key = 0;
+  std::int64_t ties_taken = 0;  // how many values with that key are selected (the earliest)
+  std::int64_t ties_total = 0;  // how many values have it
+  bool any = false;             // k > 0
+};
+
+// The tensors [first, end) of `values` form one set: one count over all of them (ks of size 1),
+// or each tensor is its own set (one count per tensor).
+struct Sets {
+  size_t tensors = 0;
+  bool global = true;
+  size_t count() const { return global ? 1 : tensors; }
+  size_t first(size_t set) const { return global ? 0 : set; }
+  size_t end(size_t set) const { return global ? tensors : set + 1; }
+  size_t of(size_t tensor) const { return global ? 0 : tensor; }
+  std::vector<torch::Tensor> members(const std::vector<torch::Tensor>& values, size_t set) const {
+    return {values.begin() + static_cast<std::ptrdiff_t>(first(set)),
+            values.begin() + static_cast<std::ptrdiff_t>(end(set))};
+  }
+};
+
+// Passes 1 and 2: the threshold of each set (ks[s] clamped to the set's size) and each tensor's
+// largest key. Pass 1 is the high-half histogram per set; two interleaved histograms per thread,
+// so that runs of equal bins do not wait on each other's increments. Pass 2 is the low-half
+// histogram inside the threshold's bin: most blocks of 16 values hold no value of that bin, so
+// one vector test per block, the scalar count only on a hit. `finite` is false as soon as a
+// largest key is not (MagnitudeOrder), and then pass 2 is skipped.
+template <class Order>
+struct Thresholds {
+  std::vector<KeyThreshold> sets;
+  std::vector<std::uint32_t> largest;   // per tensor
+  std::int64_t non_finite = -1;         // the first tensor whose largest key is not finite
+};
+
+template <class Order>
+Thresholds<Order> find_thresholds(const std::vector<torch::Tensor>& values, const Sets& sets,
+                                  std::vector<std::int64_t>& ks) {
+  const auto threads = static_cast<size_t>(at::get_num_threads());
+  Thresholds<Order> out;
+  out.sets.resize(sets.count());
+  out.largest.assign(sets.tensors, 0);
+  std::vector<std::uint32_t> high(sets.count(), 0);
+  std::vector<std::vector<std::uint32_t>> chunk_largest(sets.tensors);
+  for (size_t i = 0; i < sets.tensors; ++i) chunk_largest[i].assign(static_cast<size_t>(chunk_count(values[i])), 0);
+  {
+    constexpr std::uint32_t bins = Order::high_bins;
+    std::vector<Histogram> partial(threads, Histogram(2 * bins, 0));
+    for (size_t s = 0; s < sets.count(); ++s) {
+      std::int64_t total = 0;
+      for (size_t i = sets.first(s); i < sets.end(s); ++i) total += values[i].numel();
+      ks[s] = std::clamp<std::int64_t>(ks[s], 0, total);
+      for_each_chunk(sets.members(values, s), [&](size_t t, std::int64_t c, const float* w, std::int64_t lo, std::int64_t hi) {
+        std::int64_t* h0 = partial[static_cast<size_t>(at::get_thread_num())].data();
+        std::int64_t* h1 = h0 + bins;
+        std::uint32_t m0 = 0, m1 = 0;
+        std::int64_t i = lo;
+        for (; i + 1 < hi; i += 2) {
+          const std::uint32_t a = key_of<Order>(w + i), b = key_of<Order>(w + i + 1);
+          ++h0[a >> 16], ++h1[b >> 16];
+          m0 = std::max(m0, a), m1 = std::max(m1, b);
+        }
+        if (i < hi) {
+          const std::uint32_t a = key_of<Order>(w + i);
+          ++h0[a >> 16], m0 = std::max(m0, a);
+        }
+        chunk_largest[sets.first(s) + t][static_cast<size_t>(c)] = std::max(m0, m1);
+      });
+      Histogram merged(bins, 0);
+      for (auto& h : partial) {
+        for (size_t b = 0; b < merged.size(); ++b) merged[b] += h[b] + h[b + bins];
+        std::fill(h.begin(), h.end(), 0);
+      }
+      if (ks[s] > 0) high[s] = find_bin(merged, ks[s]);  // ks[s] becomes the rank inside the bin
+    }
+  }
+  for (size_t i = 0; i < sets.tensors; ++i) {
+    for (auto m : chunk_largest[i]) out.largest[i] = std::max(out.largest[i], m);
+    if (!Order::finite(out.largest[i]) && out.non_finite < 0) out.non_finite = static_cast<std::int64_t>(i);
+  }
+  if (out.non_finite >= 0) return out;
+
+  std::vector<Histogram> partial(threads, Histogram(1 << 16, 0));
+  for (size_t s = 0; s < sets.count(); ++s) {
+    if (ks[s] == 0) continue;
+    const std::uint32_t bin = high[s];
+    for_each_chunk(sets.members(values, s), [&](size_t, std::int64_t, const float* w, std::int64_t lo, std::int64_t hi) {
+      std::int64_t* h = partial[static_cast<size_t>(at::get_thread_num())].data();
+      std::int64_t i = lo;
+      for (; i + 16 <= hi; i += 16) {
+        lanes32 a, b, c, d;
+        std::memcpy(&a, w + i, 16), std::memcpy(&b, w + i + 4, 16);
+        std::memcpy(&c, w + i + 8, 16), std::memcpy(&d, w + i + 12, 16);
+        const auto hit = ((Order::key(a) >> 16) == bin) | ((Order::key(b) >> 16) == bin) |
+                         ((Order::key(c) >> 16) == bin) | ((Order::key(d) >> 16) == bin);
+        if (hit[0] | hit[1] | hit[2] | hit[3])
+          for (std::int64_t j = i; j < i + 16; ++j)
+            if (const auto key = key_of<Order>(w + j); (key >> 16) == bin) ++h[key & 0xffffu];
+      }
+      for (; i < hi; ++i)
+        if (const auto key = key_of<Order>(w + i); (key >> 16) == bin) ++h[key & 0xffffu];
+    });
+    Histogram merged(1 << 16, 0);
+    for (auto& h : partial) {
+      for (size_t b = 0; b < merged.size(); ++b) merged[b] += h[b];
+      std::fill(h.begin(), h.end(), 0);
+    }
+    std::int64_t rank = ks[s];
+    const std::uint32_t low = find_bin(merged, rank);
+    out.sets[s] = {(bin << 16) | low, rank, merged[low], true};
+  }
+  return out;
+}
+
 struct Threshold {
   float value;               // the k-th smallest value
   std::int64_t ties_taken;   // how many values equal to it are selected (the earliest)
@@ -92,117 +225,191 @@ struct Threshold {
 
 // The k-th smallest (1-based, 1 <= k <= total) over contiguous float32 CPU tensors.
 inline Threshold kth_smallest(const std::vector<torch::Tensor>& values, std::int64_t k) {
-  const std::uint32_t high = find_bin(histogram16(values, false, 0), k);
-  const Histogram low_hist = histogram16(values, true, high);
-  const std::uint32_t low = find_bin(low_hist, k);
-  return {from_ordered_bits((high << 16) | low), k, low_hist[low]};
+  std::vector<std::int64_t> ks{k};
+  const auto t = find_thresholds<ScoreOrder>(values, Sets{values.size(), true}, ks).sets.front();
+  return {ScoreOrder::value(t.key), t.ties_taken, t.ties_total};
 }
 
-struct Selection {
-  std::vector<torch::Tensor> masks;   // bool, true = selected, shaped like the inputs
-  std::vector<std::int64_t> counts;   // selected per tensor
-};
-
-// The k lowest scores over all tensors; ties at the threshold go to the earliest positions.
-inline Selection select_lowest(const std::vector<torch::Tensor>& scores, std::int64_t k) {
-  std::vector<torch::Tensor> values;
-  Selection out;
-  for (const auto& s : scores) {
-    values.push_back(s.detach().to(torch::kCPU, torch::kFloat32).contiguous().view(-1));
-    // Every element is written below when k > 0; zeros only for the k == 0 case.
-    out.masks.push_back(k > 0 ? torch::empty(s.sizes(), torch::TensorOptions().dtype(torch::kBool))
-                              : torch::zeros(s.sizes(), torch::TensorOptions().dtype(torch::kBool)));
-    out.counts.push_back(0);
-  }
-  std::int64_t total = 0;
-  for (const auto& v : values) total += v.numel();
-  k = std::clamp<std::int64_t>(k, 0, total);
-  if (k > 0) {
-    const Threshold t = kth_smallest(values, k);
-    // Quota of ties per chunk, in position order (only needed when some ties stay).
-    std::vector<std::vector<std::int64_t>> quota(values.size());
-    for (size_t i = 0; i < values.size(); ++i) quota[i].assign(static_cast<size_t>(chunk_count(values[i])), 0);
-    if (t.ties_taken < t.ties_total) {
-      for_each_chunk(values, [&](size_t i, std::int64_t c, const float* data, std::int64_t lo, std::int64_t hi) {
-        quota[i][static_cast<size_t>(c)] = std::count(data + lo, data + hi, t.value);
-      });
-      std::int64_t left = t.ties_taken;
-      for (auto& per_tensor : quota)
-        for (auto& q : per_tensor) q = std::min(q, left), left -= q;
-    }
-    std::vector<std::vector<std::int64_t>> selected(values.size());
-    for (size_t i = 0; i < values.size(); ++i) selected[i].assign(quota[i].size(), 0);
-    const bool all_ties = t.ties_taken == t.ties_total;
-    for_each_chunk(values, [&](size_t i, std::int64_t c, const float* data, std::int64_t lo, std::int64_t hi) {
-      bool* mask = out.masks[i].data_ptr<bool>();
-      std::int64_t n = 0;
-      if (all_ties) {  // the common case: a branch-free, vectorizable pass
-        for (std::int64_t j = lo; j < hi; ++j) n += (mask[j] = data[j] <= t.value);
-      } else {
-        std::int64_t ties = quota[i][static_cast<size_t>(c)];
-        for (std::int64_t j = lo; j < hi; ++j) {
-          bool take = data[j] < t.value;
-          if (data[j] == t.value) take = ties-- > 0;
-          n += (mask[j] = take);
-        }
-      }
-      selected[i][static_cast<size_t>(c)] = n;
-    });
-    for (size_t i = 0; i < values.size(); ++i)
-      for (auto n : selected[i]) out.counts[i] += n;
-  }
-  for (size_t i = 0; i < scores.size(); ++i) out.masks[i] = out.masks[i].to(scores[i].device());
-  return out;
-}
-
-
-// ---- The same selection over magnitudes, straight from the weights ------------------------
-//
-// For the L1 criteria at Weight granularity the scores are |w|, and a non-negative float orders
-// like its bit pattern read as an unsigned integer (+Inf above every finite value, NaN above
-// +Inf). So the k smallest |w| are found from the weights' own bits with the sign cleared, and
-// no score tensor is made: one pass builds the histogram of the high 16 bits and notes each
-// tensor's largest magnitude (which tells a NaN or Inf before anything is written), one the
-// histogram of the low 16 bits inside the threshold's bin, and one writes the mask, the 1/0
-// multiplier and the zeroed weights together. Only when the threshold ties with values that
-// are not all selected does one more (vectorized) pass count the ties per chunk. The selection
-// is select_lowest's over w.abs(), bit for bit: ties by position, exactly k.
-
-// The order-preserving key of |w|, from w's bits.
-inline std::uint32_t magnitude_key(float w) { return std::bit_cast<std::uint32_t>(w) & 0x7fffffffu; }
-constexpr std::uint32_t infinity_key = 0x7f800000u;  // +Inf; NaNs lie above it
-
-// Selects the magnitudes below `bound` (or up to it, Inclusive) in [lo, hi): mask true,
-// multiplier 0 and, with ZeroWeights, the weight 0; returns how many. Written on the bits
+// The last pass over [lo, hi) when every value up to the threshold's key (Inclusive) or below
+// it is selected: mask true and, where asked, multiplier 0 and the value 0. Written on the bits
 // with restrict pointers and no branch, so that GCC vectorizes it (the same loop over floats
 // and bools through aliasing pointers stayed scalar, at a third of the whole selection's time).
-template <bool Inclusive, bool ZeroWeights>
-std::int64_t write_selection(float* __restrict weight, bool* __restrict mask, float* __restrict multiplier,
+template <class Order, bool Inclusive, bool Mask, bool Multiplier, bool ZeroValues>
+std::int64_t write_selection(float* __restrict value, bool* __restrict mask, float* __restrict multiplier,
                              std::int64_t lo, std::int64_t hi, std::uint32_t bound) {
   std::int64_t n = 0;
   for (std::int64_t j = lo; j < hi; ++j) {
     std::uint32_t bits;
-    std::memcpy(&bits, weight + j, 4);
-    const std::uint32_t key = bits & 0x7fffffffu;
+    std::memcpy(&bits, value + j, 4);
+    const std::uint32_t key = Order::key(bits);
     const bool take = Inclusive ? key <= bound : key < bound;
     const std::uint32_t kept = take ? 0u : 0xffffffffu;
-    mask[j] = take;
-    const std::uint32_t one_or_zero = 0x3f800000u & kept;  // 1.0f or 0.0f
-    std::memcpy(multiplier + j, &one_or_zero, 4);
-    if constexpr (ZeroWeights) {
+    if constexpr (Mask) mask[j] = take;
+    if constexpr (Multiplier) {
+      const std::uint32_t one_or_zero = 0x3f800000u & kept;  // 1.0f or 0.0f
+      std::memcpy(multiplier + j, &one_or_zero, 4);
+    }
+    if constexpr (ZeroValues) {
       const std::uint32_t zeroed = bits & kept;
-      std::memcpy(weight + j, &zeroed, 4);
+      std::memcpy(value + j, &zeroed, 4);
     }
     n += take;
   }
   return n;
 }
 
-struct MagnitudeSelection {
-  std::vector<torch::Tensor> masks;   // bool, true = selected, shaped like the weights
+template <class Order, bool Mask, bool Multiplier, bool ZeroValues>
+std::int64_t write_selection_to(float* value, bool* mask, float* multiplier, std::int64_t lo, std::int64_t hi,
+                                std::uint32_t bound, bool inclusive) {
+  return inclusive ? write_selection<Order, true, Mask, Multiplier, ZeroValues>(value, mask, multiplier, lo, hi, bound)
+                   : write_selection<Order, false, Mask, Multiplier, ZeroValues>(value, mask, multiplier, lo, hi, bound);
+}
+
+struct Selection {
+  std::vector<torch::Tensor> masks;   // bool, true = selected, shaped like the inputs
   std::vector<std::int64_t> counts;   // selected per tensor
-  std::int64_t non_finite = -1;       // first tensor holding NaN or Inf; then nothing is written
+  std::int64_t non_finite = -1;       // select_lowest_magnitude: the first tensor holding NaN or
+                                      // Inf; then nothing is written
 };
+
+// What the last pass writes besides the masks.
+struct SelectionWrites {
+  std::vector<torch::Tensor> multipliers;   // float32, like each value: 1 kept, 0 selected (or none)
+  bool zero_selected = false;               // the selected values become 0
+  bool keep_one = false;                    // a tensor selected entirely keeps its largest key
+  std::vector<torch::Tensor> mask_buffers;  // written into where they fit
+  bool masks = true;                        // false: no masks (then multipliers are needed)
+};
+
+// The k lowest keys over contiguous float32 CPU tensors: `ks` holds one count for one selection
+// over all tensors, or one per tensor.
+template <class Order>
+Selection radix_select(const std::vector<torch::Tensor>& values, std::vector<std::int64_t> ks,
+                       const SelectionWrites& writes) {
+  const Sets sets{values.size(), ks.size() == 1};
+  if (!sets.global && ks.size() != values.size())
+    throw std::logic_error("fasterai: a selection needs one count or one per tensor");
+  const auto found = find_thresholds<Order>(values, sets, ks);
+  Selection out;
+  out.non_finite = found.non_finite;
+  if (out.non_finite >= 0) return out;
+  const auto& threshold = found.sets;
+
+  // Pass 3, only where some ties stay: ties per chunk, then the earliest ones get the quota.
+  // quota[i][c]: the ties chunk c of tensor i selects (-1: all of its ties).
+  std::vector<std::vector<std::int64_t>> quota(sets.tensors), ties_in(sets.tensors);
+  for (size_t i = 0; i < sets.tensors; ++i) quota[i].assign(static_cast<size_t>(chunk_count(values[i])), -1);
+  for (size_t s = 0; s < sets.count(); ++s) {
+    const KeyThreshold& t = threshold[s];
+    if (!t.any || t.ties_taken == t.ties_total) continue;
+    for (size_t i = sets.first(s); i < sets.end(s); ++i) {
+      ties_in[i].assign(quota[i].size(), 0);
+      for_each_chunk({values[i]}, [&](size_t, std::int64_t c, const float* w, std::int64_t lo, std::int64_t hi) {
+        std::int64_t n = 0;
+        for (std::int64_t j = lo; j < hi; ++j) n += key_of<Order>(w + j) == t.key;
+        ties_in[i][static_cast<size_t>(c)] = n;
+      });
+    }
+    std::int64_t left = t.ties_taken;
+    for (size_t i = sets.first(s); i < sets.end(s); ++i)
+      for (size_t c = 0; c < quota[i].size(); ++c) quota[i][c] = std::min(ties_in[i][c], left), left -= quota[i][c];
+  }
+
+  // A tensor selected entirely keeps its largest key (first by position): found now and
+  // skipped by the last pass, which then cannot lose its value.
+  std::vector<std::int64_t> spared(sets.tensors, -1);
+  if (writes.keep_one)
+    for (size_t i = 0; i < sets.tensors; ++i) {
+      const KeyThreshold& t = threshold[sets.of(i)];
+      if (!t.any || values[i].numel() == 0 || found.largest[i] > t.key) continue;
+      if (found.largest[i] == t.key && !ties_in[i].empty()) {  // full only if all its ties are taken
+        bool all = true;
+        for (size_t c = 0; c < ties_in[i].size(); ++c) all = all && quota[i][c] == ties_in[i][c];
+        if (!all) continue;
+      }
+      const float* w = values[i].data_ptr<float>();
+      std::int64_t p = 0;
+      while (key_of<Order>(w + p) != found.largest[i]) ++p;
+      spared[i] = p;
+    }
+
+  // Pass 4: masks (into the caller's buffers where they fit: a fresh 134 MB tensor costs its
+  // page faults on every recomputation), multipliers and zeroed values in one sweep.
+  const bool multiply = !writes.multipliers.empty();
+  if (!writes.masks && !multiply) throw std::logic_error("fasterai: a selection that writes neither masks nor multipliers");
+  for (size_t i = 0; i < sets.tensors && writes.masks; ++i) {
+    const auto& b = i < writes.mask_buffers.size() ? writes.mask_buffers[i] : torch::Tensor();
+    const bool fits = b.defined() && b.scalar_type() == torch::kBool && b.device().is_cpu() && b.is_contiguous() &&
+                      b.sizes() == values[i].sizes();
+    out.masks.push_back(fits ? b : torch::empty(values[i].sizes(), torch::TensorOptions().dtype(torch::kBool)));
+  }
+  out.counts.assign(sets.tensors, 0);
+  for (size_t i = 0; i < sets.tensors; ++i) {
+    const KeyThreshold& t = threshold[sets.of(i)];
+    bool* mask = writes.masks ? out.masks[i].data_ptr<bool>() : nullptr;
+    float* multiplier = multiply ? writes.multipliers[i].data_ptr<float>() : nullptr;
+    float* value = values[i].data_ptr<float>();
+    std::vector<std::int64_t> selected(quota[i].size(), 0);
+    for_each_chunk({values[i]}, [&](size_t, std::int64_t c, const float*, std::int64_t lo, std::int64_t hi) {
+      const std::int64_t q = quota[i][static_cast<size_t>(c)];
+      const std::int64_t ties = ties_in[i].empty() ? 0 : ties_in[i][static_cast<size_t>(c)];
+      const std::int64_t p = spared[i];
+      const bool has_spared = p >= lo && p < hi;
+      const float spared_value = has_spared ? value[p] : 0.0f;
+      auto sweep = [&](bool inclusive) {
+        if (!mask) {
+          return writes.zero_selected
+                     ? write_selection_to<Order, false, true, true>(value, mask, multiplier, lo, hi, t.key, inclusive)
+                     : write_selection_to<Order, false, true, false>(value, mask, multiplier, lo, hi, t.key, inclusive);
+        }
+        if (multiply && writes.zero_selected)
+          return write_selection_to<Order, true, true, true>(value, mask, multiplier, lo, hi, t.key, inclusive);
+        if (multiply) return write_selection_to<Order, true, true, false>(value, mask, multiplier, lo, hi, t.key, inclusive);
+        if (writes.zero_selected)
+          return write_selection_to<Order, true, false, true>(value, mask, multiplier, lo, hi, t.key, inclusive);
+        return write_selection_to<Order, true, false, false>(value, mask, multiplier, lo, hi, t.key, inclusive);
+      };
+      std::int64_t n = 0;
+      if (!t.any) {
+        if (mask) std::fill(mask + lo, mask + hi, false);
+        if (multiply) std::fill(multiplier + lo, multiplier + hi, 1.0f);
+      } else if (q < 0 || q == ties) {  // every value up to the threshold, inclusive
+        n = sweep(true);
+      } else if (q == 0) {              // every value below it
+        n = sweep(false);
+      } else {  // the chunk where the ties run out
+        std::int64_t left = q;
+        for (std::int64_t j = lo; j < hi; ++j) {
+          const std::uint32_t key = key_of<Order>(value + j);
+          const bool take = key < t.key || (key == t.key && left-- > 0);
+          if (mask) mask[j] = take;
+          if (multiply) multiplier[j] = take ? 0.0f : 1.0f;
+          if (writes.zero_selected && take) value[j] = 0.0f;
+          n += take;
+        }
+      }
+      if (has_spared && (mask ? mask[p] : multiplier[p] == 0.0f)) {
+        value[p] = spared_value;
+        if (mask) mask[p] = false;
+        if (multiply) multiplier[p] = 1.0f;
+        --n;
+      }
+      selected[static_cast<size_t>(c)] = n;
+    });
+    for (auto n : selected) out.counts[i] += n;
+  }
+  return out;
+}
+
+// The k lowest scores over all tensors (any device and dtype; compared as float32); ties at the
+// threshold go to the earliest positions. Masks on each score's device.
+inline Selection select_lowest(const std::vector<torch::Tensor>& scores, std::int64_t k) {
+  std::vector<torch::Tensor> values;
+  for (const auto& s : scores) values.push_back(s.detach().to(torch::kCPU, torch::kFloat32).contiguous());
+  auto out = radix_select<ScoreOrder>(values, {k}, {});
+  for (size_t i = 0; i < scores.size(); ++i) out.masks[i] = out.masks[i].to(scores[i].device());
+  return out;
+}
 
 // Selects the lowest |w| and writes the result into the weights' own buffers: `keep[i]` (float32,
 // shaped like weights[i]) gets 1 where kept and 0 where selected and, with `zero_weights`, the
@@ -212,205 +419,15 @@ struct MagnitudeSelection {
 // contiguous, on the CPU. A NaN or Inf anywhere is reported before anything is written. The
 // masks are written into `masks[i]` where it is a contiguous bool CPU tensor of the weight's
 // shape (the caller's previous mask, when nobody else holds it), otherwise into a new tensor.
-inline MagnitudeSelection select_lowest_magnitude(const std::vector<torch::Tensor>& weights,
-                                                  std::vector<std::int64_t> ks,
-                                                  const std::vector<torch::Tensor>& keep,
-                                                  bool zero_weights, bool keep_one,
-                                                  const std::vector<torch::Tensor>& masks = {}) {
-  const size_t n_tensors = weights.size();
-  const bool global = ks.size() == 1;
-  if (!global && ks.size() != n_tensors)
-    throw std::logic_error("fasterai: select_lowest_magnitude needs one count or one per tensor");
-  for (size_t i = 0; i < n_tensors; ++i)
+inline Selection select_lowest_magnitude(const std::vector<torch::Tensor>& weights, std::vector<std::int64_t> ks,
+                                         const std::vector<torch::Tensor>& keep, bool zero_weights, bool keep_one,
+                                         const std::vector<torch::Tensor>& masks = {}) {
+  for (size_t i = 0; i < weights.size(); ++i)
     if (weights[i].scalar_type() != torch::kFloat32 || !weights[i].is_contiguous() ||
-        !weights[i].device().is_cpu() || keep[i].scalar_type() != torch::kFloat32 ||
+        !weights[i].device().is_cpu() || i >= keep.size() || keep[i].scalar_type() != torch::kFloat32 ||
         !keep[i].is_contiguous() || keep[i].numel() != weights[i].numel())
       throw std::logic_error("fasterai: select_lowest_magnitude needs contiguous float32 CPU tensors");
-  const size_t n_sets = global ? 1 : n_tensors;
-  auto first_of = [&](size_t set) { return global ? size_t{0} : set; };
-  auto end_of = [&](size_t set) { return global ? n_tensors : set + 1; };
-  for (size_t s = 0; s < n_sets; ++s) {
-    std::int64_t total = 0;
-    for (size_t i = first_of(s); i < end_of(s); ++i) total += weights[i].numel();
-    ks[s] = std::clamp<std::int64_t>(ks[s], 0, total);
-  }
-  std::vector<std::vector<std::int64_t>> chunk_value(n_tensors);  // per-chunk scratch
-  for (size_t i = 0; i < n_tensors; ++i) chunk_value[i].assign(static_cast<size_t>(chunk_count(weights[i])), 0);
-  const auto threads = static_cast<size_t>(at::get_num_threads());
-
-  // Pass 1: high-half histogram per set, largest key per tensor. Two interleaved histograms
-  // per thread, so that runs of equal bins do not wait on each other's increments.
-  std::vector<std::uint32_t> high(n_sets, 0);
-  std::vector<std::uint32_t> largest(n_tensors, 0);
-  {
-    std::vector<Histogram> partial(threads, Histogram(2 << 15, 0));
-    for (size_t s = 0; s < n_sets; ++s) {
-      const std::vector<torch::Tensor> set(weights.begin() + static_cast<std::ptrdiff_t>(first_of(s)),
-                                           weights.begin() + static_cast<std::ptrdiff_t>(end_of(s)));
-      for_each_chunk(set, [&](size_t t, std::int64_t c, const float* w, std::int64_t lo, std::int64_t hi) {
-        std::int64_t* h0 = partial[static_cast<size_t>(at::get_thread_num())].data();
-        std::int64_t* h1 = h0 + (1 << 15);
-        std::uint32_t m0 = 0, m1 = 0;
-        std::int64_t i = lo;
-        for (; i + 1 < hi; i += 2) {
-          const std::uint32_t a = magnitude_key(w[i]), b = magnitude_key(w[i + 1]);
-          ++h0[a >> 16], ++h1[b >> 16];
-          m0 = std::max(m0, a), m1 = std::max(m1, b);
-        }
-        if (i < hi) m0 = std::max(m0, magnitude_key(w[i])), ++h0[magnitude_key(w[i]) >> 16];
-        chunk_value[first_of(s) + t][static_cast<size_t>(c)] = std::max(m0, m1);
-      });
-      Histogram merged(1 << 15, 0);
-      for (auto& h : partial) {
-        for (size_t b = 0; b < merged.size(); ++b) merged[b] += h[b] + h[b + (1 << 15)];
-        std::fill(h.begin(), h.end(), 0);
-      }
-      if (ks[s] > 0) high[s] = find_bin(merged, ks[s]);  // ks[s] becomes the rank inside the bin
-    }
-  }
-  MagnitudeSelection out;
-  for (size_t i = 0; i < n_tensors; ++i) {
-    for (auto m : chunk_value[i]) largest[i] = std::max(largest[i], static_cast<std::uint32_t>(m));
-    if (largest[i] >= infinity_key && out.non_finite < 0) out.non_finite = static_cast<std::int64_t>(i);
-  }
-  if (out.non_finite >= 0) return out;
-
-  // Pass 2: low-half histogram inside each set's bin; the threshold and its ties.
-  struct SetThreshold {
-    std::uint32_t key = 0;
-    std::int64_t ties_taken = 0, ties_total = 0;
-    bool any = false;  // k > 0
-  };
-  std::vector<SetThreshold> threshold(n_sets);
-  {
-    std::vector<Histogram> partial(threads, Histogram(1 << 16, 0));
-    for (size_t s = 0; s < n_sets; ++s) {
-      if (ks[s] == 0) continue;
-      const std::uint32_t bin = high[s];
-      const std::vector<torch::Tensor> set(weights.begin() + static_cast<std::ptrdiff_t>(first_of(s)),
-                                           weights.begin() + static_cast<std::ptrdiff_t>(end_of(s)));
-      for_each_chunk(set, [&](size_t, std::int64_t, const float* w, std::int64_t lo, std::int64_t hi) {
-        std::int64_t* h = partial[static_cast<size_t>(at::get_thread_num())].data();
-        // Most blocks of 16 hold no value of the bin: one vector test per block (written with
-        // vector types, which GCC does not find on its own here), the scalar count only on a hit.
-        using lanes = std::int32_t __attribute__((vector_size(16)));
-        const lanes magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-        const auto wanted = static_cast<std::int32_t>(bin);
-        std::int64_t i = lo;
-        for (; i + 16 <= hi; i += 16) {
-          lanes a, b, c, d;
-          std::memcpy(&a, w + i, 16), std::memcpy(&b, w + i + 4, 16);
-          std::memcpy(&c, w + i + 8, 16), std::memcpy(&d, w + i + 12, 16);
-          const lanes hit = (((a & magnitude) >> 16) == wanted) | (((b & magnitude) >> 16) == wanted) |
-                            (((c & magnitude) >> 16) == wanted) | (((d & magnitude) >> 16) == wanted);
-          if (hit[0] | hit[1] | hit[2] | hit[3])
-            for (std::int64_t j = i; j < i + 16; ++j)
-              if (const auto key = magnitude_key(w[j]); (key >> 16) == bin) ++h[key & 0xffffu];
-        }
-        for (; i < hi; ++i)
-          if (const auto key = magnitude_key(w[i]); (key >> 16) == bin) ++h[key & 0xffffu];
-      });
-      Histogram merged(1 << 16, 0);
-      for (auto& h : partial) {
-        for (size_t b = 0; b < merged.size(); ++b) merged[b] += h[b];
-        std::fill(h.begin(), h.end(), 0);
-      }
-      std::int64_t rank = ks[s];
-      const std::uint32_t low = find_bin(merged, rank);
-      threshold[s] = {(bin << 16) | low, rank, merged[low], true};
-    }
-  }
-
-  // Pass 3, only where some ties stay: ties per chunk, then the earliest ones get the quota.
-  // chunk_value becomes the number of ties each chunk selects (-1: all of its ties).
-  for (auto& v : chunk_value) std::fill(v.begin(), v.end(), -1);
-  std::vector<std::vector<std::int64_t>> ties_in(n_tensors);
-  for (size_t s = 0; s < n_sets; ++s) {
-    const SetThreshold& t = threshold[s];
-    if (!t.any || t.ties_taken == t.ties_total) continue;
-    for (size_t i = first_of(s); i < end_of(s); ++i) {
-      ties_in[i].assign(chunk_value[i].size(), 0);
-      for_each_chunk({weights[i]}, [&](size_t, std::int64_t c, const float* w, std::int64_t lo, std::int64_t hi) {
-        std::int64_t n = 0;
-        for (std::int64_t j = lo; j < hi; ++j) n += magnitude_key(w[j]) == t.key;
-        ties_in[i][static_cast<size_t>(c)] = n;
-      });
-    }
-    std::int64_t left = t.ties_taken;
-    for (size_t i = first_of(s); i < end_of(s); ++i)
-      for (size_t c = 0; c < chunk_value[i].size(); ++c)
-        chunk_value[i][c] = std::min(ties_in[i][c], left), left -= chunk_value[i][c];
-  }
-
-  // A tensor selected entirely keeps its largest magnitude (first by position): found now and
-  // skipped by the last pass, which then cannot lose its value.
-  std::vector<std::int64_t> spared(n_tensors, -1);
-  if (keep_one)
-    for (size_t i = 0; i < n_tensors; ++i) {
-      const SetThreshold& t = threshold[global ? 0 : i];
-      if (!t.any || weights[i].numel() == 0 || largest[i] > t.key) continue;
-      if (largest[i] == t.key && !ties_in[i].empty()) {  // full only if all its ties are taken
-        bool all = true;
-        for (size_t c = 0; c < ties_in[i].size(); ++c) all = all && chunk_value[i][c] == ties_in[i][c];
-        if (!all) continue;
-      }
-      const float* w = weights[i].data_ptr<float>();
-      std::int64_t p = 0;
-      while (magnitude_key(w[p]) != largest[i]) ++p;
-      spared[i] = p;
-    }
-
-  // Pass 4: mask, multiplier and zeroed weights in one pass, into the caller's mask buffers
-  // where they fit (a fresh 134 MB tensor costs its page faults on every recomputation).
-  for (size_t i = 0; i < n_tensors; ++i) {
-    const bool fits = i < masks.size() && masks[i].defined() && masks[i].scalar_type() == torch::kBool &&
-                      masks[i].device().is_cpu() && masks[i].is_contiguous() &&
-                      masks[i].sizes() == weights[i].sizes();
-    out.masks.push_back(fits ? masks[i] : torch::empty(weights[i].sizes(), torch::TensorOptions().dtype(torch::kBool)));
-    out.counts.push_back(0);
-  }
-  for (size_t i = 0; i < n_tensors; ++i) {
-    const SetThreshold& t = threshold[global ? 0 : i];
-    bool* mask = out.masks[i].data_ptr<bool>();
-    float* multiplier = keep[i].data_ptr<float>();
-    float* weight = weights[i].data_ptr<float>();
-    std::vector<std::int64_t> selected(chunk_value[i].size(), 0);
-    for_each_chunk({weights[i]}, [&](size_t, std::int64_t c, const float*, std::int64_t lo, std::int64_t hi) {
-      const std::int64_t quota = chunk_value[i][static_cast<size_t>(c)];
-      const std::int64_t ties = ties_in[i].empty() ? 0 : ties_in[i][static_cast<size_t>(c)];
-      const std::int64_t p = spared[i];
-      const bool has_spared = p >= lo && p < hi;
-      const float spared_value = has_spared ? weight[p] : 0.0f;
-      std::int64_t n = 0;
-      if (!t.any) {
-        std::fill(mask + lo, mask + hi, false);
-        std::fill(multiplier + lo, multiplier + hi, 1.0f);
-      } else if (quota < 0 || quota == ties) {  // everything up to the threshold, inclusive
-        n = zero_weights ? write_selection<true, true>(weight, mask, multiplier, lo, hi, t.key)
-                         : write_selection<true, false>(weight, mask, multiplier, lo, hi, t.key);
-      } else if (quota == 0) {                  // everything below it
-        n = zero_weights ? write_selection<false, true>(weight, mask, multiplier, lo, hi, t.key)
-                         : write_selection<false, false>(weight, mask, multiplier, lo, hi, t.key);
-      } else {  // the chunk where the ties run out
-        std::int64_t left = quota;
-        for (std::int64_t j = lo; j < hi; ++j) {
-          const std::uint32_t key = magnitude_key(weight[j]);
-          const bool take = key < t.key || (key == t.key && left-- > 0);
-          mask[j] = take;
-          multiplier[j] = take ? 0.0f : 1.0f;
-          if (zero_weights && take) weight[j] = 0.0f;
-          n += take;
-        }
-      }
-      if (has_spared && mask[p]) {
-        mask[p] = false, multiplier[p] = 1.0f, weight[p] = spared_value;
-        --n;
-      }
-      selected[static_cast<size_t>(c)] = n;
-    });
-    for (auto n : selected) out.counts[i] += n;
-  }
-  return out;
+  return radix_select<MagnitudeOrder>(weights, std::move(ks), {keep, zero_weights, keep_one, masks});
 }
 
 }  // namespace fasterai::detail
