@@ -19,8 +19,6 @@ class TensorMask {
  public:
   // No mask yet: nothing is multiplied.
   bool defined() const { return keep_.defined(); }
-  // The multiplier, shaped like the tensor or to broadcast with it.
-  const torch::Tensor& multiplier() const { return keep_; }
 
   // true where pruned, on the multiplier's device; undefined while there is no mask.
   torch::Tensor pruned() const { return keep_.defined() ? keep_.eq(0) : torch::Tensor(); }

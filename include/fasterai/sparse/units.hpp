@@ -161,7 +161,6 @@ class CoupledUnits {
         groups_[static_cast<std::size_t>(c)].producers.push_back(
             {l, torch::tensor(cp.first, torch::kLong), torch::tensor(cp.second, torch::kLong)});
     }
-    pruned_ = torch::zeros({n_units + 1}, torch::kBool);
     if (options.score_norms) {
       // A unit no norm reads would score 0 and go first: refuse the layer instead.
       auto scored = torch::zeros({n_units + 1}, torch::kBool);
@@ -193,7 +192,7 @@ class CoupledUnits {
 
   // Each group's unit scores as Σ |γ| over the norms reading each unit (criteria::BNScale).
   std::vector<torch::Tensor> norm_scale_scores() const {
-    auto scores = torch::zeros({pruned_.numel()}, torch::kFloat32);
+    auto scores = torch::zeros({none_ + 1}, torch::kFloat32);
     for (const auto& ns : norm_scales_)
       scores.index_add_(0, ns.units, ns.gamma.detach().abs().to(torch::kCPU, torch::kFloat32));
     std::vector<torch::Tensor> out;
@@ -224,7 +223,7 @@ class CoupledUnits {
     std::vector<torch::Tensor> tensor_channels;   // bool, per channel tensor, shaped to broadcast
   };
   Pruning pruning(const std::vector<torch::Tensor>& selected) const {
-    Pruning out{torch::zeros_like(pruned_), {}, {}};
+    Pruning out{torch::zeros({none_ + 1}, torch::kBool), {}, {}};
     for (std::size_t i = 0; i < groups_.size(); ++i) out.units.index_put_({groups_[i].units}, selected[i]);
     for (const auto& idx : layer_units_) out.layer_channels.push_back(out.units.index_select(0, idx));
     for (const auto& ct : channel_tensors_) {
@@ -239,7 +238,6 @@ class CoupledUnits {
   void commit(const Pruning& pruning, std::vector<std::int64_t> counts) {
     for (std::size_t i = 0; i < channel_tensors_.size(); ++i)
       channel_tensors_[i].mask.set_pruned(pruning.tensor_channels[i], channel_tensors_[i].tensor);
-    pruned_ = pruning.units;
     counts_ = std::move(counts);
   }
   // The number of units pruned in group g, as last committed (-1 before).
@@ -270,7 +268,6 @@ class CoupledUnits {
   std::vector<torch::Tensor> layer_units_;  // per layer: long [out], the unit of each output channel
   std::vector<ChannelTensor> channel_tensors_;
   std::vector<NormScale> norm_scales_;
-  torch::Tensor pruned_;                    // bool [units + 1]: the units in force
   std::vector<std::int64_t> counts_;        // per group: units pruned in force
 };
 
