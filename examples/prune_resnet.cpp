@@ -8,6 +8,7 @@
 //
 //   prune_resnet [--model resnet50] [--size 224] [--rounds 5] [--runs 5] [--round-to 8]
 //                [--large-batch 32] [--quick]
+#include <fasterai/compress.hpp>
 #include <fasterai/fasterai.hpp>
 
 #include <algorithm>
@@ -44,7 +45,7 @@ torch::Tensor logits(Model& model, const torch::Tensor& x) {
 }
 
 // The stages of one zoo model (a holder such as models::ResNet). Each compressed stage is one
-// call of fasterai::compress_for_deployment (deploy/compress.hpp): Filter/Local/L1 sparsity at
+// call of fasterai::compress_for_deployment (compress.hpp): Filter/Local/L1 sparsity at
 // the target, the Pruner, the BNFolder when asked, optimize_for_inference; its report gives the
 // parameters, MACs, the difference to the masked model and the inference path. The latencies
 // are timed here, every stage in every round, so that the table compares them interleaved.

@@ -10,6 +10,7 @@
 // fine-tuning, see train_vit).
 //
 //   prune_vit [--size 224] [--rounds 3] [--runs 3] [--quick]
+#include <fasterai/deploy.hpp>
 #include <fasterai/fasterai.hpp>
 #include <fasterai/models/vit.hpp>
 

@@ -1,5 +1,11 @@
 #pragma once
-// fasterai: make trained LibTorch networks smaller and faster. Include this one header.
+// fasterai: make trained LibTorch networks smaller and faster. This header holds what most users
+// need: models, the channel graph, sparsification, the transforms, training. The parts that pull
+// LibTorch's JIT or c10d are opt-in, each with its own header:
+//   <fasterai/deploy.hpp>    reloading pruned models, TorchScript export, inference optimization
+//   <fasterai/quant.hpp>     int8: dynamic, static, traced, quantization-aware training
+//   <fasterai/compress.hpp>  compress_for_deployment: prune, fold, optimize, int8, export in one call
+//   <fasterai/dist.hpp>      data-parallel training over c10d
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
@@ -9,11 +15,6 @@
 #include <fasterai/data/batches.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
-#include <fasterai/deploy/compress.hpp>
-#include <fasterai/deploy/cost_model.hpp>
-#include <fasterai/deploy/load.hpp>
-#include <fasterai/deploy/optimize.hpp>
-#include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/graph/autograd_ops.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/graph/macs.hpp>
@@ -27,13 +28,6 @@
 #include <fasterai/models/mobilenet_v2.hpp>
 #include <fasterai/models/resnet.hpp>
 #include <fasterai/models/vgg.hpp>
-#include <fasterai/quant/calibrator.hpp>
-#include <fasterai/quant/engine.hpp>
-#include <fasterai/quant/observer.hpp>
-#include <fasterai/quant/qat.hpp>
-#include <fasterai/quant/quantize_dynamic.hpp>
-#include <fasterai/quant/quantized_layers.hpp>
-#include <fasterai/quant/traced_calibrator.hpp>
 #include <fasterai/sparse/concepts.hpp>
 #include <fasterai/sparse/criteria.hpp>
 #include <fasterai/sparse/factory.hpp>

@@ -1,4 +1,4 @@
-#include <fasterai/deploy/compress.hpp>
+#include <fasterai/compress.hpp>
 
 #include "catch.hpp"
 #include "deploy_testing.hpp"
