@@ -1,6 +1,7 @@
 #include "catch.hpp"
 
 #include <fasterai/core/sequential.hpp>
+#include <fasterai/models/resnet.hpp>
 #include <fasterai/train/feature_distillation.hpp>
 #include <fasterai/train/learner.hpp>
 
@@ -52,6 +53,30 @@ std::vector<torch::data::Example<>> squares(std::int64_t n, std::int64_t batch, 
     const auto len = std::min(batch, n - i);
     out.push_back({x.narrow(0, i, len), y.narrow(0, i, len)});
   }
+  return out;
+}
+
+// A module with a hand-written forward that keeps its layers in a Sequential member: the shape
+// of many users' models.
+struct TwoStageImpl : nn::Module {
+  explicit TwoStageImpl(std::int64_t width)
+      : body(register_module("body", nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, width, 3).padding(1)),
+                                                    nn::ReLU(),
+                                                    nn::Conv2d(nn::Conv2dOptions(width, width, 3).padding(1)),
+                                                    nn::ReLU()))),
+        head(register_module("head", nn::Linear(width, 3))) {}
+  torch::Tensor forward(torch::Tensor x) { return head->forward(body->forward(x).mean({2, 3})); }
+  nn::Sequential body;
+  nn::Linear head;
+};
+TORCH_MODULE(TwoStage);
+
+// The modules in the forward lists of every Sequential of `m`, to see that taps came out.
+std::vector<std::shared_ptr<nn::Module>> forward_lists(nn::Module& m) {
+  std::vector<std::shared_ptr<nn::Module>> out;
+  for (const auto& s : m.modules())
+    if (auto* seq = s->as<nn::SequentialImpl>())
+      for (const auto& entry : *seq) out.push_back(entry.ptr());
   return out;
 }
 
@@ -272,4 +297,98 @@ TEST_CASE("FeatureDistillation trains the adapter with the Learner's optimizer a
   // The taps are gone: the student's forward list holds its own children again.
   for (std::size_t i = 0; i < student->size(); ++i)
     CHECK(student->begin()[static_cast<std::ptrdiff_t>(i)].ptr() == student->named_children()[i].value());
+}
+
+TEST_CASE("forward_with_features on a module with a hand-written forward: the zoo's ResNet",
+          "[feature_distillation]") {
+  torch::manual_seed(5);
+  auto resnet = models::resnet18(/*num_classes=*/10);
+  resnet->eval();
+  const auto x = torch::randn({2, 3, 32, 32});
+  const auto names = feature_layer_names(resnet);
+  for (const char* n : {"layer1", "layer1.0", "layer2.0.downsample", "layer2.0.downsample.0", "layer4.1"})
+    CHECK(std::find(names.begin(), names.end(), n) != names.end());
+  // The stem is called by the forward itself, not from a Sequential's list.
+  CHECK(std::find(names.begin(), names.end(), "conv1") == names.end());
+
+  const auto before = forward_lists(*resnet);
+  const auto out = forward_with_features(resnet, x, {"layer1.0", "layer1", "layer3"});
+  CHECK(forward_lists(*resnet) == before);  // the taps are out again
+  CHECK(torch::equal(out.output, resnet->forward(x)));
+  REQUIRE(out.features.size() == 3);
+  const auto stem = resnet->maxpool->forward(resnet->relu->forward(resnet->bn1->forward(resnet->conv1->forward(x))));
+  const auto block = resnet->layer1->ptr(0)->as<models::BasicBlockImpl>()->forward(stem);
+  CHECK(torch::equal(out.features.at("layer1.0"), block));
+  const auto layer1 = resnet->layer1->forward(stem);
+  CHECK(torch::equal(out.features.at("layer1"), layer1));
+  CHECK(torch::equal(out.features.at("layer3"), resnet->layer3->forward(resnet->layer2->forward(layer1))));
+
+  CHECK_THROWS_WITH(forward_with_features(resnet, x, {"conv1"}),
+                    Contains("layers") && Contains("'conv1'") && Contains("'layer1.0'"));
+  CHECK(forward_lists(*resnet) == before);
+}
+
+TEST_CASE("FeatureDistillation between modules with a hand-written forward, in a Learner",
+          "[feature_distillation]") {
+  torch::manual_seed(6);
+  TwoStage student(4), teacher(8);
+  student->eval();
+  const auto x = torch::randn({4, 1, 8, 8});
+  const auto y = torch::tensor({0, 1, 2, 0}, torch::kLong);
+  // "body" and "body.3" are the same output (a Sequential's is its last entry's): two taps on
+  // one entry, the second around the first.
+  FeatureDistillation fd(student, teacher, x,
+                         {fitnet_hint("body", "body.3"), attention_hint("body.1", "body", 100.0)});
+  REQUIRE(fd.adapter(0));
+  CHECK(fd.adapter(0)->as<nn::Conv2dImpl>()->weight.sizes() == c10::IntArrayRef({8, 4, 1, 1}));
+
+  const auto before = forward_lists(*student);
+  TrainingState s;
+  s.model = student.ptr().get();
+  CallbackList callbacks{fd};
+  callbacks.before_fit(s);
+  callbacks.before_batch(s);
+  CHECK(forward_lists(*student) != before);
+  s.x = x;
+  s.y = y;
+  s.pred = student->forward(x);
+  s.loss = F::cross_entropy(s.pred, y);
+  callbacks.after_pred(s);
+  callbacks.after_loss(s);
+  callbacks.after_fit(s);
+  CHECK(forward_lists(*student) == before);
+
+  // By hand: the student's features from its Sequential member, the teacher's likewise.
+  const auto s1 = student->body->ptr(1)->as<nn::ReLUImpl>()->forward(
+      student->body->ptr(0)->as<nn::Conv2dImpl>()->forward(x));
+  const auto s_body = student->body->forward(x);
+  torch::Tensor t_body;
+  {
+    torch::NoGradGuard no_grad;
+    t_body = teacher->body->forward(x);
+  }
+  auto* adapter = fd.adapter(0)->as<nn::Conv2dImpl>();
+  const auto expected = F::cross_entropy(student->forward(x), y) +
+                        fitnet_loss(adapter->forward(s_body), t_body) +
+                        100.0 * attention_transfer_loss(s1, t_body);
+  CHECK(s.loss.item<float>() == Approx(expected.item<float>()).epsilon(1e-6));
+
+  // A layer the forward does not reach through a Sequential's list is refused, naming those it can.
+  CHECK_THROWS_WITH(FeatureDistillation(student, teacher, x, {fitnet_hint("head", "body")}),
+                    Contains("student_layer") && Contains("'head'") && Contains("'body.0'"));
+
+  // And it trains: the Learner fits the student with the hint, and the hint loss falls.
+  const auto train = squares(64, 16, 7), valid = squares(32, 16, 8);
+  std::ostringstream log;
+  TwoStage fresh(4);
+  FeatureDistillation hint(fresh, teacher, train.front().data, {fitnet_hint("body", "body")});
+  const auto hint_loss = [&] {
+    torch::NoGradGuard no_grad;
+    const auto f = forward_with_features(fresh, valid.front().data, {"body"});
+    return hint.loss(valid.front().data, f.features).item<double>();
+  };
+  const double first = hint_loss();
+  Learner learn(fresh, train, valid, LearnerOptions().out(&log).progress(Progress::None).device(torch::kCPU));
+  learn.fit_one_cycle(3, 1e-2, {hint});
+  CHECK(hint_loss() < first);
 }

@@ -14,25 +14,27 @@
 //   factor that the normalization removes, so the widths may differ without an adapter. They
 //   weight it by β/2 with β = 1000, the default weight of attention_hint.
 //
-// How the intermediate outputs are taken. LibTorch modules have no forward hooks, so this works
-// on Sequential-like models (torch::nn::Sequential, fasterai::NamedSequential, nested to any
-// depth: the shape of models every transform of fasterai takes), whose forward is the chain of
-// their children. A layer is named as in named_modules(): "features.3", or a nested Sequential
-// itself ("features"); feature_layer_names(model) lists them.
-//  - forward_with_features(model, x, names) runs the children one by one and keeps the named
-//    outputs: one forward giving the output and the features, for a hand-written loop.
-//  - The callback cannot change how the Learner calls the student, so while it trains (from
-//    the first batch to after_fit, or until the callback is destroyed) it puts a tap in place of
-//    each named child in its parent Sequential's forward list: a module that runs the child and
-//    keeps its output. Parameters, names, state_dict and the registered children are untouched
-//    (the tap is in the list `forward` walks, not registered), so the optimizer and saving see
-//    the same model; after_fit puts the children back.
-//  - The teacher runs without autograd in eval mode (modes restored afterwards), and only up to
-//    the last named layer it needs.
-// Models with a hand-written forward (the zoo's ResNet, a user's subclass) have no such chain:
-// their intermediate outputs cannot be reached without changing their forward, and the
-// constructor does not compile for them.
-//
+// How the intermediate outputs are taken. LibTorch modules have no forward hooks, but a
+// Sequential's forward walks a list of its entries, and that list can hold a stand-in: a tap
+// that runs the entry and keeps its output. So a layer can be named when it is an entry of a
+// Sequential anywhere in the model — a Sequential model's children ("features.3"), the blocks of
+// the zoo's ResNet stages ("layer2.1"), the layers of a user's module that keeps them in a
+// Sequential member — or when it is a non-empty Sequential itself ("layer2": its output is its
+// last entry's). Names are those of named_modules(); feature_layer_names(model) lists them. The
+// model's own forward runs unchanged, so any module with a tensor forward works, and a layer
+// its forward calls directly (the ResNet's stem "conv1") cannot be named.
+//  - forward_with_features(model, x, names) puts the taps in, runs the model's forward and takes
+//    them out (also when the forward throws): one forward giving the output and the features,
+//    for a hand-written loop.
+//  - The callback cannot change how the Learner calls the student, so it keeps the student's
+//    taps in place while it trains (from the first batch to after_fit, or until the callback is
+//    destroyed). Parameters, names, state_dict and the registered children are untouched (the
+//    tap is in the list `forward` walks, not registered), so the optimizer and saving see the
+//    same model.
+//  - The teacher runs its whole forward without autograd in eval mode (modes restored
+//    afterwards).
+//  - As with PyTorch's forward hooks, a kept output is the tensor the layer returned: an
+//    in-place operation after it (an in-place ReLU as the next entry) changes it.
 // With a Learner:
 //   fasterai::FeatureDistillation fd(student, teacher, example_batch,
 //       {fasterai::fitnet_hint("features.6", "features.10"),
@@ -57,9 +59,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
-#include <set>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -108,23 +110,28 @@ inline torch::Tensor attention_map(const torch::Tensor& features, double p = 2.0
 inline torch::Tensor attention_transfer_loss(const torch::Tensor& student,
                                              const torch::Tensor& teacher, double p = 2.0);
 
-// The output of a Sequential-like model and the outputs of its named layers, from one forward.
+// The output of a model and the outputs of its named layers, from one forward.
 struct FeatureOutputs {
   torch::Tensor output;
   std::map<std::string, torch::Tensor> features;
 };
 
-// Every name forward_with_features accepts, in forward order: each child of the model and of
-// its nested Sequentials.
-template <sequential_like Model>
+// Every name forward_with_features accepts, in the order of a depth-first walk (forward order for
+// a Sequential model): each entry of each Sequential in the model, and after its entries each
+// non-empty Sequential that is not itself an entry.
+template <module Model>
 std::vector<std::string> feature_layer_names(const Model& model);
 
-// Runs `model` on `x` child by child (the same computation as its forward), keeping the outputs
-// of the layers named in `layers`. Throws argument_error, running nothing, for a name that is
-// not a layer of the model (the message lists those that are).
-template <sequential_like Model>
+// Runs the forward of `model` on `x`, keeping the outputs of the layers named in `layers`.
+// Throws argument_error, running nothing, for a name that is not a layer of the model (the
+// message lists those that are), and after the forward for a named layer it did not run.
+template <traceable Model>
 FeatureOutputs forward_with_features(const Model& model, const torch::Tensor& x,
                                      const std::vector<std::string>& layers);
+
+namespace detail {
+class FeatureTaps;
+}  // namespace detail
 
 class FeatureDistillation : public Callback {
  public:
@@ -133,10 +140,10 @@ class FeatureDistillation : public Callback {
   // Throws argument_error, changing neither model, for an unknown layer name, a weight that is
   // not finite and >= 0, features whose batch or spatial sizes differ, attention on features
   // that are not N×C×H×W, or an adapter needed for features that are neither N×C nor N×C×H×W.
-  template <sequential_like Student, sequential_like Teacher>
+  template <traceable Student, traceable Teacher>
   FeatureDistillation(Student student, Teacher teacher, const torch::Tensor& example,
                       std::vector<FeatureHint> hints);
-  ~FeatureDistillation() override { remove_taps(); }
+  inline ~FeatureDistillation() override;
   FeatureDistillation(const FeatureDistillation&) = delete;
   FeatureDistillation& operator=(const FeatureDistillation&) = delete;
 
@@ -165,16 +172,17 @@ class FeatureDistillation : public Callback {
   inline void after_fit(TrainingState& state) override;
 
  private:
-  struct Tap;
-  std::shared_ptr<torch::nn::SequentialImpl> student_;
-  std::shared_ptr<torch::nn::SequentialImpl> teacher_;
+  using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
+  std::shared_ptr<torch::nn::Module> student_;
+  std::shared_ptr<torch::nn::Module> teacher_;
+  Forward student_forward_;
+  Forward teacher_forward_;
   std::vector<FeatureHint> hints_;
   std::vector<torch::nn::AnyModule> adapters_;  // empty AnyModule: no adapter
-  std::vector<std::shared_ptr<Tap>> taps_;
+  std::unique_ptr<detail::FeatureTaps> taps_;     // the student's, while it trains
   torch::optim::Optimizer* optimizer_ = nullptr;  // the optimizer the adapters were added to
 
   void install_taps();
-  void remove_taps() noexcept;
   torch::Tensor hint_loss(std::size_t i, const torch::Tensor& student,
                           const torch::Tensor& teacher) const;
 };
@@ -208,63 +216,144 @@ class ModesGuard {
   std::vector<std::pair<std::shared_ptr<torch::nn::Module>, bool>> modes_;
 };
 
-// Where a named child sits: its parent Sequential and its index in the parent's forward list.
+// Where a named layer's output can be taken: an entry of a Sequential's forward list.
 struct ChildSite {
   torch::nn::SequentialImpl* parent = nullptr;
   std::size_t index = 0;
   std::string name;
 };
 
-inline void collect_sites(torch::nn::SequentialImpl& seq, const std::string& prefix,
-                          std::vector<ChildSite>& out) {
-  const auto children = seq.named_children();
-  for (std::size_t i = 0; i < seq.size(); ++i) {
-    std::string name = prefix.empty() ? children[i].key() : prefix + "." + children[i].key();
-    out.push_back({&seq, i, name});
-    if (auto* nested = seq.begin()[static_cast<std::ptrdiff_t>(i)].ptr()->as<torch::nn::SequentialImpl>())
-      collect_sites(*nested, name, out);
-  }
+inline std::string join_layer_name(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
 }
 
-inline std::vector<ChildSite> child_sites(torch::nn::SequentialImpl& seq) {
+// Depth-first from `m` (named `prefix`): the entries of every Sequential, and after its entries
+// each non-empty Sequential that is not an entry, at its last entry.
+inline void collect_sites(torch::nn::Module& m, const std::string& prefix, bool is_entry,
+                          std::vector<ChildSite>& out) {
+  if (auto* seq = m.as<torch::nn::SequentialImpl>()) {
+    const auto children = seq->named_children();
+    for (std::size_t i = 0; i < seq->size(); ++i) {
+      const std::string name = join_layer_name(prefix, children[i].key());
+      out.push_back({seq, i, name});
+      collect_sites(*seq->begin()[static_cast<std::ptrdiff_t>(i)].ptr(), name, /*is_entry=*/true, out);
+    }
+    if (!is_entry && !prefix.empty() && seq->size() > 0) out.push_back({seq, seq->size() - 1, prefix});
+    return;
+  }
+  for (const auto& child : m.named_children())
+    collect_sites(*child.value(), join_layer_name(prefix, child.key()), /*is_entry=*/false, out);
+}
+
+inline std::vector<ChildSite> child_sites(torch::nn::Module& root) {
   std::vector<ChildSite> out;
-  collect_sites(seq, "", out);
+  collect_sites(root, "", /*is_entry=*/false, out);
   return out;
 }
 
-inline void check_layer_names(const char* where, const char* argument,
-                              const std::vector<ChildSite>& sites,
-                              const std::vector<std::string>& names) {
-  for (const auto& n : names) {
-    const bool known = std::any_of(sites.begin(), sites.end(), [&](const ChildSite& s) { return s.name == n; });
-    if (known) continue;
-    std::string allowed = "a layer of the model: ";
-    for (std::size_t i = 0; i < sites.size(); ++i) allowed += (i ? ", '" : "'") + sites[i].name + "'";
-    if (sites.empty()) allowed += "(it has none)";
-    throw_argument_error(where, argument, "'" + n + "'", allowed);
+// Stands in a Sequential's forward list for a named layer: runs it and keeps its output.
+class FeatureTapImpl : public torch::nn::Module {
+ public:
+  FeatureTapImpl(torch::nn::AnyModule layer, std::shared_ptr<torch::Tensor> slot)
+      : layer_(std::move(layer)), slot_(std::move(slot)) {}
+  torch::Tensor forward(torch::Tensor x) {
+    torch::Tensor y = layer_.forward(std::move(x));
+    *slot_ = y;
+    return y;
   }
-}
 
-// Runs `seq` child by child from `x`, storing the outputs of `wanted` in `out`. With
-// `stop_early`, returns as soon as every wanted output is stored (the result is then not the
-// model's output). `done` tells the callers above to stop too.
-inline torch::Tensor run_capturing(torch::nn::SequentialImpl& seq, const std::string& prefix,
-                                   torch::Tensor x, const std::set<std::string>& wanted,
-                                   std::map<std::string, torch::Tensor>& out, bool stop_early,
-                                   bool& done) {
-  const auto children = seq.named_children();
-  for (std::size_t i = 0; i < seq.size(); ++i) {
-    const std::string name = prefix.empty() ? children[i].key() : prefix + "." + children[i].key();
-    torch::nn::AnyModule& child = seq.begin()[static_cast<std::ptrdiff_t>(i)];
-    if (auto* nested = child.ptr()->as<torch::nn::SequentialImpl>())
-      x = run_capturing(*nested, name, std::move(x), wanted, out, stop_early, done);
-    else
-      x = child.forward(std::move(x));
-    if (wanted.count(name)) out[name] = x;
-    if (stop_early && out.size() == wanted.size()) done = true;
-    if (done) return x;
+ private:
+  torch::nn::AnyModule layer_;
+  std::shared_ptr<torch::Tensor> slot_;
+};
+
+// Taps on the named layers of `root` from construction to destruction. The constructor finds
+// every site before it changes one, and throws argument_error (changing nothing) for a name the
+// model does not have. Two names may share a site (a Sequential and its last entry): the second
+// tap wraps the first, and the destructor takes them out in reverse order.
+class FeatureTaps {
+ public:
+  FeatureTaps(torch::nn::Module& root, const std::vector<std::string>& names, const char* where,
+              const char* argument) {
+    const auto sites = child_sites(root);
+    for (const auto& n : names) {
+      const auto site = find(sites, n, where, argument);
+      if (std::none_of(taps_.begin(), taps_.end(), [&](const Tap& t) { return t.site.name == n; }))
+        taps_.push_back(Tap{site, {}, {}, std::make_shared<torch::Tensor>()});
+    }
+    for (auto& tap : taps_) {
+      auto& entry = this->entry(tap);
+      tap.original = entry;
+      tap.tap = torch::nn::AnyModule(std::make_shared<FeatureTapImpl>(entry, tap.slot));
+      entry = tap.tap;
+    }
   }
-  return x;
+  ~FeatureTaps() {
+    for (auto it = taps_.rbegin(); it != taps_.rend(); ++it)
+      // An entry replaced since (by the user) stays as it was left.
+      if (auto& entry = this->entry(*it); entry.ptr() == it->tap.ptr()) entry = it->original;
+  }
+  FeatureTaps(const FeatureTaps&) = delete;
+  FeatureTaps& operator=(const FeatureTaps&) = delete;
+
+  // Throws as the constructor does for a name `root` does not have; changes nothing.
+  static void check_names(torch::nn::Module& root, const std::vector<std::string>& names,
+                          const char* where, const char* argument) {
+    const auto sites = child_sites(root);
+    for (const auto& n : names) find(sites, n, where, argument);
+  }
+
+  // The outputs kept since the last take, by layer name; throws argument_error naming a layer
+  // the forward did not run. The taps keep nothing after it.
+  std::map<std::string, torch::Tensor> take(const char* where) {
+    std::map<std::string, torch::Tensor> out;
+    for (auto& tap : taps_) {
+      const bool ran = tap.slot->defined();
+      torch::Tensor t = std::move(*tap.slot);
+      *tap.slot = torch::Tensor();
+      check_argument(ran, where, "layer", "'" + tap.site.name + "'",
+                     "a layer the model's forward ran in this batch");
+      out[tap.site.name] = std::move(t);
+    }
+    return out;
+  }
+
+ private:
+  struct Tap {
+    ChildSite site;
+    torch::nn::AnyModule original;
+    torch::nn::AnyModule tap;
+    std::shared_ptr<torch::Tensor> slot;
+  };
+  std::vector<Tap> taps_;
+
+  static const ChildSite& find(const std::vector<ChildSite>& sites, const std::string& name,
+                               const char* where, const char* argument) {
+    const auto site = std::find_if(sites.begin(), sites.end(), [&](const ChildSite& s) { return s.name == name; });
+    if (site == sites.end()) {
+      std::string allowed = "a layer of the model (an entry of one of its Sequentials, or a Sequential): ";
+      for (std::size_t i = 0; i < sites.size(); ++i) allowed += (i ? ", '" : "'") + sites[i].name + "'";
+      if (sites.empty()) allowed += "(it has none)";
+      throw_argument_error(where, argument, "'" + name + "'", allowed);
+    }
+    return *site;
+  }
+  static torch::nn::AnyModule& entry(const Tap& t) {
+    return t.site.parent->begin()[static_cast<std::ptrdiff_t>(t.site.index)];
+  }
+};
+
+// Runs `forward` on `x` with taps on `names` of `root`; the taps are out again when it returns
+// or throws.
+inline FeatureOutputs run_with_taps(torch::nn::Module& root,
+                                    const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+                                    const torch::Tensor& x, const std::vector<std::string>& names,
+                                    const char* where, const char* argument) {
+  FeatureTaps taps(root, names, where, argument);
+  FeatureOutputs out;
+  out.output = forward(x);
+  out.features = taps.take(where);
+  return out;
 }
 
 inline void check_hint_weight(const char* where, const FeatureHint& h) {
@@ -332,56 +421,28 @@ inline torch::Tensor attention_transfer_loss(const torch::Tensor& student,
   return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean();
 }
 
-template <sequential_like Model>
+template <module Model>
 std::vector<std::string> feature_layer_names(const Model& model) {
-  auto& seq = const_cast<torch::nn::SequentialImpl&>(
-      static_cast<const torch::nn::SequentialImpl&>(detail::impl(model)));
+  auto& m = const_cast<torch::nn::Module&>(static_cast<const torch::nn::Module&>(detail::impl(model)));
   std::vector<std::string> out;
-  for (const auto& s : detail::child_sites(seq)) out.push_back(s.name);
+  for (const auto& s : detail::child_sites(m)) out.push_back(s.name);
   return out;
 }
 
-template <sequential_like Model>
+template <traceable Model>
 FeatureOutputs forward_with_features(const Model& model, const torch::Tensor& x,
                                      const std::vector<std::string>& layers) {
-  // Running a module's forward needs it mutable (AnyModule::forward); the model's holder shares
-  // its layers, as calling `model->forward(x)` on a const holder does.
-  auto& seq = const_cast<torch::nn::SequentialImpl&>(
-      static_cast<const torch::nn::SequentialImpl&>(detail::impl(model)));
-  detail::check_layer_names("fasterai::forward_with_features", "layers", detail::child_sites(seq), layers);
-  FeatureOutputs out;
-  bool done = false;
-  out.output = detail::run_capturing(seq, "", x, {layers.begin(), layers.end()}, out.features,
-                                     /*stop_early=*/false, done);
-  return out;
+  // A forward needs the module mutable; the model's holder shares its layers, as calling
+  // `model->forward(x)` on a const holder does.
+  auto& m = const_cast<impl_of_t<Model>&>(static_cast<const impl_of_t<Model>&>(detail::impl(model)));
+  return detail::run_with_taps(
+      m, [&m](const torch::Tensor& in) -> torch::Tensor { return m.forward(in); }, x, layers,
+      "fasterai::forward_with_features", "layers");
 }
 
 // ---------------------------------------------------------------------------------------------
 
-// Stands in a Sequential's forward list for a named child: runs it and keeps its output.
-class FeatureTapImpl : public torch::nn::Module {
- public:
-  FeatureTapImpl(torch::nn::AnyModule layer, std::shared_ptr<torch::Tensor> slot)
-      : layer_(std::move(layer)), slot_(std::move(slot)) {}
-  torch::Tensor forward(torch::Tensor x) {
-    torch::Tensor y = layer_.forward(std::move(x));
-    *slot_ = y;
-    return y;
-  }
-
- private:
-  torch::nn::AnyModule layer_;
-  std::shared_ptr<torch::Tensor> slot_;
-};
-
-struct FeatureDistillation::Tap {
-  detail::ChildSite site;
-  torch::nn::AnyModule original;
-  torch::nn::AnyModule tap;  // null while the original is in place
-  std::shared_ptr<torch::Tensor> slot = std::make_shared<torch::Tensor>();
-};
-
-template <sequential_like Student, sequential_like Teacher>
+template <traceable Student, traceable Teacher>
 FeatureDistillation::FeatureDistillation(Student student, Teacher teacher,
                                          const torch::Tensor& example,
                                          std::vector<FeatureHint> hints)
@@ -390,9 +451,11 @@ FeatureDistillation::FeatureDistillation(Student student, Teacher teacher,
   static_assert(requires { typename std::remove_cvref_t<Student>::ContainedType; } &&
                     requires { typename std::remove_cvref_t<Teacher>::ContainedType; },
                 "fasterai::FeatureDistillation takes student and teacher as module holders "
-                "(torch::nn::Sequential, fasterai::NamedSequential)");
+                "(torch::nn::Sequential, fasterai::models::ResNet, a TORCH_MODULE of your own)");
   student_ = student.ptr();
   teacher_ = teacher.ptr();
+  student_forward_ = [student](const torch::Tensor& x) mutable -> torch::Tensor { return student->forward(x); };
+  teacher_forward_ = [teacher](const torch::Tensor& x) mutable -> torch::Tensor { return teacher->forward(x); };
   detail::check_argument(!hints_.empty(), where, "hints", "an empty list", "at least one hint");
   detail::check_argument(example.defined() && example.dim() >= 1 && example.size(0) > 0, where,
                          "example", detail::shape_string(example), "a non-empty batch of inputs");
@@ -402,8 +465,8 @@ FeatureDistillation::FeatureDistillation(Student student, Teacher teacher,
     s_names.push_back(h.student_layer);
     t_names.push_back(h.teacher_layer);
   }
-  detail::check_layer_names(where, "hint student_layer", detail::child_sites(*student_), s_names);
-  detail::check_layer_names(where, "hint teacher_layer", detail::child_sites(*teacher_), t_names);
+  detail::FeatureTaps::check_names(*student_, s_names, where, "hint student_layer");
+  detail::FeatureTaps::check_names(*teacher_, t_names, where, "hint teacher_layer");
 
   std::map<std::string, torch::Tensor> s_features;
   {
@@ -412,9 +475,8 @@ FeatureDistillation::FeatureDistillation(Student student, Teacher teacher,
     student_->eval();
     const auto params = student_->parameters();
     const auto x = params.empty() ? example : example.to(params.front().device());
-    bool done = false;
-    detail::run_capturing(*student_, "", x, {s_names.begin(), s_names.end()}, s_features,
-                          /*stop_early=*/true, done);
+    s_features = detail::run_with_taps(*student_, student_forward_, x, s_names, where,
+                                       "hint student_layer").features;
   }
   const auto t_features = teacher_features(example);
   const auto params = student_->parameters();
@@ -461,14 +523,13 @@ inline std::map<std::string, torch::Tensor> FeatureDistillation::teacher_feature
   torch::NoGradGuard no_grad;
   detail::ModesGuard modes(*teacher_);
   teacher_->eval();
-  std::set<std::string> wanted;
-  for (const auto& h : hints_) wanted.insert(h.teacher_layer);
+  std::vector<std::string> wanted;
+  for (const auto& h : hints_) wanted.push_back(h.teacher_layer);
   const auto params = teacher_->parameters();
   const bool move = !params.empty() && params.front().device() != x.device();
-  std::map<std::string, torch::Tensor> out;
-  bool done = false;
-  detail::run_capturing(*teacher_, "", move ? x.to(params.front().device()) : x, wanted, out,
-                        /*stop_early=*/true, done);
+  auto out = detail::run_with_taps(*teacher_, teacher_forward_, move ? x.to(params.front().device()) : x,
+                                   wanted, detail::feature_distillation_where, "hint teacher_layer")
+                 .features;
   if (move)
     for (auto& [_, t] : out) t = t.to(x.device());
   return out;
@@ -502,37 +563,12 @@ inline torch::Tensor FeatureDistillation::loss(
   return total;
 }
 
-inline void FeatureDistillation::install_taps() {
-  if (!taps_.empty()) return;
-  const auto sites = detail::child_sites(*student_);
-  std::vector<std::shared_ptr<Tap>> taps;
-  for (const auto& name : student_layers()) {
-    const auto site = std::find_if(sites.begin(), sites.end(),
-                                   [&](const detail::ChildSite& s) { return s.name == name; });
-    detail::check_argument(site != sites.end(), detail::feature_distillation_where, "student layer",
-                           "'" + name + "'", "a layer the student still has (was it replaced?)");
-    auto tap = std::make_shared<Tap>();
-    tap->site = *site;
-    taps.push_back(std::move(tap));
-  }
-  // The sites were found before any entry changed: a tapped nested Sequential's entry in its
-  // parent and the entries of its own list are distinct, so taps on both coexist.
-  for (auto& tap : taps) {
-    auto& entry = tap->site.parent->begin()[static_cast<std::ptrdiff_t>(tap->site.index)];
-    tap->original = entry;
-    tap->tap = torch::nn::AnyModule(std::make_shared<FeatureTapImpl>(entry, tap->slot));
-    entry = tap->tap;
-  }
-  taps_ = std::move(taps);
-}
+inline FeatureDistillation::~FeatureDistillation() = default;
 
-inline void FeatureDistillation::remove_taps() noexcept {
-  for (auto& tap : taps_) {
-    auto& entry = tap->site.parent->begin()[static_cast<std::ptrdiff_t>(tap->site.index)];
-    // An entry the user replaced since stays as the user left it.
-    if (entry.ptr() == tap->tap.ptr()) entry = tap->original;
-  }
-  taps_.clear();
+inline void FeatureDistillation::install_taps() {
+  if (!taps_)
+    taps_ = std::make_unique<detail::FeatureTaps>(*student_, student_layers(),
+                                                  detail::feature_distillation_where, "student layer");
 }
 
 inline void FeatureDistillation::before_fit(TrainingState& state) {
@@ -562,18 +598,12 @@ inline void FeatureDistillation::before_batch(TrainingState&) {
 
 inline void FeatureDistillation::after_loss(TrainingState& state) {
   constexpr auto where = detail::feature_distillation_where;
-  std::map<std::string, torch::Tensor> features;
-  for (auto& tap : taps_) {
-    detail::check_argument(tap->slot->defined(), where, "student layer", "'" + tap->site.name + "'",
-                           "a layer the student's forward ran in this batch");
-    features[tap->site.name] = *tap->slot;
-    *tap->slot = torch::Tensor();  // not kept past the batch
-  }
-  state.loss = state.loss + loss(state.x, features);
+  install_taps();  // a callback list may run after_loss without before_batch
+  state.loss = state.loss + loss(state.x, taps_->take(where));
 }
 
 inline void FeatureDistillation::after_fit(TrainingState&) {
-  remove_taps();
+  taps_.reset();
   if (!optimizer_) return;
   const auto adapter_params = parameters();
   auto& groups = optimizer_->param_groups();
