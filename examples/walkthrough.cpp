@@ -11,8 +11,9 @@
 //                    also quantization-aware training for N epochs, then the same conversion
 //
 // and a summary table, one row per stage: parameters, size, MACs, latency (batch 1) of the eager
-// model and of its optimized TorchScript export, test accuracy. The final fp32 model is exported
-// to a TorchScript file that Python's torch.jit.load runs.
+// model and of its optimized TorchScript export, eager latency at batch 32 (--large-batch), test
+// accuracy. The final fp32 model is exported to a TorchScript file that Python's torch.jit.load
+// runs.
 //
 // The default run fits a time budget (--budget-minutes, 10): one training step is timed first,
 // and the training subset is sized so that every stage's epochs fit on this machine.
@@ -68,6 +69,7 @@ struct Args {
   std::string data = "/usr/share/datasets/fashion-mnist";
   std::uint64_t seed = 42;
   int threads = 1;          // for the latency measurements
+  std::int64_t large_batch = 32;  // the second latency column (0: none)
 };
 
 // One stage of the summary. Latencies are measured at the end, interleaved over the stages.
@@ -78,6 +80,7 @@ struct Row {
   torch::nn::Sequential model;               // an eval-mode copy, for the latency rounds
   std::optional<InferenceModel> optimized;   // none when the stage cannot be exported
   std::vector<double> eager_ms, optimized_ms;  // one median per round
+  std::vector<double> large_batch_ms;          // eager at --large-batch, one median per round
 };
 
 double median(std::vector<double> v) {
@@ -129,7 +132,7 @@ class Walkthrough {
   void record(const std::string& stage, torch::nn::Sequential model, Learner& learn) {
     Row row{stage, count_parameters(model), model_size_bytes(model),
             count_macs(model, {1, 28, 28}).total(), learn.validate().metric("accuracy"),
-            clone_model(model), std::nullopt, {}, {}};
+            clone_model(model), std::nullopt, {}, {}, {}};
     row.model->eval();
     try {
       row.optimized = optimize_for_inference(row.model, example());
@@ -145,7 +148,7 @@ class Walkthrough {
   void record_int8(const std::string& stage, torch::nn::Sequential int8, const Row& fp32) {
     const double accuracy = Learner(int8, train_, test_, LearnerOptions().seed(a_.seed)).validate().metric("accuracy");
     int8->eval();
-    add(Row{stage, fp32.parameters, model_size_bytes(int8), fp32.macs, accuracy, int8, std::nullopt, {}, {}});
+    add(Row{stage, fp32.parameters, model_size_bytes(int8), fp32.macs, accuracy, int8, std::nullopt, {}, {}, {}});
   }
 
   const Row& last() const { return rows_.back(); }
@@ -169,14 +172,19 @@ class Walkthrough {
 
   // Latency of every stage, eager and optimized, in rounds: each round times every stage once,
   // so a machine that gets busier slows all stages alike; the table gives the median over the
-  // rounds and their spread (max - min).
+  // rounds and their spread (max - min). At batch 1 this small network's latency is mostly the
+  // fixed cost of its ~20 operator calls; at --large-batch it is mostly arithmetic, where the
+  // MACs that pruning removes show.
   void measure_latencies() {
     const auto x = example();
     const auto options = LatencyOptions().warmup(a_.quick ? 5 : 20).runs(a_.quick ? 20 : 100).threads(a_.threads);
+    const auto large = a_.large_batch > 0 ? torch::randn({a_.large_batch, 1, 28, 28}) : torch::Tensor();
+    const auto large_options = LatencyOptions().warmup(a_.quick ? 2 : 5).runs(a_.quick ? 5 : 30).threads(a_.threads);
     for (int round = 0; round < a_.latency_rounds; ++round)
       for (auto& row : rows_) {
         row.eager_ms.push_back(measure_latency(row.model, x, options).median_ms);
         if (row.optimized) row.optimized_ms.push_back(measure_latency(*row.optimized, x, options).median_ms);
+        if (large.defined()) row.large_batch_ms.push_back(measure_latency(row.model, large, large_options).median_ms);
       }
   }
 
@@ -186,11 +194,14 @@ class Walkthrough {
     auto spread = [](const std::vector<double>& v) {
       return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()) - *std::min_element(v.begin(), v.end());
     };
+    const bool large = a_.large_batch > 0;
     std::cout << "\n### Summary (latency: batch 1, " << a_.threads << " thread(s); median over "
               << a_.latency_rounds << " interleaved rounds of " << (a_.quick ? 20 : 100)
-              << " runs, ± the rounds' spread; optimized = fasterai::optimize_for_inference)\n\n"
-              << "| stage | parameters | size (MB) | MACs | latency (ms) | optimized (ms) | accuracy |\n"
-              << "|---|---:|---:|---:|---:|---:|---:|\n";
+              << " runs, ± the rounds' spread; optimized = fasterai::optimize_for_inference";
+    if (large) std::cout << "; batch " << a_.large_batch << ": eager, rounds of " << (a_.quick ? 5 : 30) << " runs";
+    std::cout << ")\n\n| stage | parameters | size (MB) | MACs | latency (ms) | optimized (ms) | ";
+    if (large) std::cout << "batch " << a_.large_batch << " (ms) | ";
+    std::cout << "accuracy |\n|---|---:|---:|---:|---:|---:|" << (large ? "---:|" : "") << "---:|\n";
     for (const auto& r : rows_) {
       std::cout << "| " << r.stage << " | " << with_thousands(r.parameters) << " | " << std::fixed
                 << std::setprecision(3) << r.bytes / 1e6 << " | " << with_thousands(r.macs) << " | "
@@ -199,6 +210,7 @@ class Walkthrough {
         std::cout << median(r.optimized_ms) << " ± " << spread(r.optimized_ms);
       else
         std::cout << "–";
+      if (large) std::cout << " | " << median(r.large_batch_ms) << " ± " << spread(r.large_batch_ms);
       std::cout << " | " << std::setprecision(2) << 100 * r.accuracy << "% |\n";
     }
     const Row& base = rows_.front();
@@ -208,6 +220,9 @@ class Walkthrough {
               << median(base.eager_ms) / median(last.eager_ms) << "x lower latency (eager), ";
     if (last.optimized)
       std::cout << median(base.eager_ms) / median(last.optimized_ms) << "x (final optimized vs baseline eager), ";
+    if (large)
+      std::cout << median(base.large_batch_ms) / median(last.large_batch_ms) << "x at batch " << a_.large_batch
+                << " (eager), ";
     std::cout << "accuracy " << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
               << " points.\n";
     for (const Row* int8 = &last + 1; int8 != rows_.data() + rows_.size(); ++int8)
@@ -300,6 +315,7 @@ int main(int argc, char** argv) {
       .option("--test", a.test, "test images (a seeded random subset below 10000; 0: as many as the time budget allows)")
       .option("--data", a.data, "folder of the Fashion-MNIST files")
       .option("--threads", a.threads, "threads for the latency measurements")
+      .option("--large-batch", a.large_batch, "batch size of the second latency column (eager; 0: none)")
       .option("--seed", a.seed, "seed of initialization, shuffling and subsets");
   return cli.run(argc, argv, [&] {
     // Under scripts/launch.sh: data-parallel Learners, and output from rank 0 only.
