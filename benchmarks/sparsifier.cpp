@@ -101,6 +101,22 @@ void BM_GlobalMagnitudeSelection_VGG16BN(benchmark::State& state) {
 BENCHMARK(BM_GlobalMagnitudeSelection_VGG16BN)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)
     ->UseManualTime()->Iterations(3)->Repetitions(5)->ReportAggregatesOnly(true);
 
+// A scheduled step() that changes no count, as most training steps are once the schedule's
+// target is reached: Weight/Global/L1 over every weight of VGG16-BN, the masks applied and the
+// weights checked for NaN and Inf, against the same abs + compare pass. Arg: intra-op threads.
+void BM_StepWithoutChange_VGG16BN(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  VGGWeights w;
+  fasterai::Sparsifier<fasterai::granularity::Weight, fasterai::method::Global, fasterai::criteria::L1,
+                       fasterai::schedule::Linear>
+      sparsifier(vgg16_bn(), fasterai::SparsifierOptions(50).include_linear(true));
+  sparsifier.step(1.0);
+  versus_abs_pass(state, w, [&] { sparsifier.step(1.0); });
+  w.restore();
+}
+BENCHMARK(BM_StepWithoutChange_VGG16BN)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseManualTime()
+    ->Iterations(3)->Repetitions(5)->ReportAggregatesOnly(true);
+
 // The article's Filter/Local/L1 pruning of the 13 convolutions.
 void BM_LocalFilterMasks_VGG16BN(benchmark::State& state) {
   torch::NoGradGuard no_grad;

@@ -244,6 +244,17 @@ TEST_CASE("step follows the schedule and recomputes masks only when the count ch
   }
   sp.step(0.5000001);
   CHECK(sp.mask("features.3").equal(mask));
+  {
+    // No count changes and nothing is selected, yet the weights are still checked: a NaN is
+    // named, and the mask stays.
+    auto w = model->named_parameters()["features.3.weight"].view({-1});
+    const auto saved = w[0].item<float>();
+    torch::NoGradGuard no_grad;
+    w[0] = std::nan("");
+    CHECK_THROWS_WITH(sp.step(0.5000002), Catch::Contains("NaN or Inf") && Catch::Contains("features.3"));
+    CHECK(sp.mask("features.3").equal(mask));
+    w[0] = saved;
+  }
   sp.prune(sp.sparsity());  // a forced recomputation at the same count does select it
   CHECK_FALSE(sp.mask("features.3").equal(mask));
   sp.step(1.0);

@@ -246,22 +246,30 @@ class Sparsifier final : public SparsifierInterface {
   // changed (or `force`), and applies them. All checks happen before any state changes.
   void update_masks(const std::vector<double>& sparsity, bool force) {
     torch::NoGradGuard no_grad;
-    if constexpr (std::is_same_v<Granularity, granularity::Weight> && std::is_same_v<Criteria, criteria::L1>)
-      if (select_magnitudes(sparsity, force)) return;  // masks written with the weights zeroed
+    if constexpr (std::is_same_v<Granularity, granularity::Weight> && std::is_same_v<Criteria, criteria::L1>) {
+      switch (select_magnitudes(sparsity, force)) {
+        case Magnitudes::selected: return;  // masks written with the weights zeroed
+        case Magnitudes::unchanged: check_finite(); apply(); return;
+        case Magnitudes::not_fused: break;
+      }
+    }
     recompute(sparsity, force);
     apply();
   }
 
+  enum class Magnitudes { selected, unchanged, not_fused };
+
   // Single weights by magnitude, float32 on the CPU: the selection reads the weights' own bits
   // (no score tensor, the finiteness check folded into its first pass) and writes the
-  // multipliers and the zeroed weights in its last, so no apply() follows. False when the
-  // weights do not qualify or no count changes: the general path then runs.
-  bool select_magnitudes(const std::vector<double>& sparsity, bool force) {
+  // multipliers and the zeroed weights in its last, so no apply() follows. `unchanged` when no
+  // count changes (nothing to score then), `not_fused` when the weights do not qualify: the
+  // general path runs.
+  Magnitudes select_magnitudes(const std::vector<double>& sparsity, bool force) {
     std::vector<torch::Tensor> weights, keep;
     std::int64_t total = 0;
     for (const auto& l : layers_) {
       const auto& w = l.target.layer.weight();
-      if (w.scalar_type() != torch::kFloat32 || !w.device().is_cpu() || !w.is_contiguous()) return false;
+      if (w.scalar_type() != torch::kFloat32 || !w.device().is_cpu() || !w.is_contiguous()) return Magnitudes::not_fused;
       weights.push_back(w.detach());
       total += w.numel();
     }
@@ -272,7 +280,7 @@ class Sparsifier final : public SparsifierInterface {
                                       : Granularity::groups_to_prune(weights[i].numel(), sparsity[i]));
       changed |= counts[i] != layers_[i].groups_pruned;
     }
-    if (!changed) return false;
+    if (!changed) return Magnitudes::unchanged;
     for (size_t i = 0; i < layers_.size(); ++i) keep.push_back(layers_[i].mask.multiplier_buffer(weights[i]));
     const auto selection = detail::radix_select<detail::MagnitudeOrder>(
         weights, Method::global ? std::vector<std::int64_t>{counts.front()} : counts,
@@ -287,7 +295,20 @@ class Sparsifier final : public SparsifierInterface {
       layers_[i].mask.set_multiplier(std::move(keep[i]));
       layers_[i].groups_pruned = counts[i];
     }
-    return true;
+    return Magnitudes::selected;
+  }
+
+  // Throws argument_error naming the first layer whose weights hold a NaN or an Inf.
+  void check_finite() const {
+    for (const auto& l : layers_) check_finite(l);
+  }
+  void check_finite(const Masked& l) const {
+    // NaN propagates to the min and max, Inf shows in them: one vectorized pass, where
+    // isfinite().all() costs several.
+    const auto [lowest, highest] = torch::aminmax(l.target.layer.weight().detach());
+    detail::check_argument(std::isfinite(lowest.template item<double>()) && std::isfinite(highest.template item<double>()),
+                           where("prune/step"), detail::concat("weights of layer '", l.target.layer.name, "'"),
+                           "NaN or Inf", "finite values");
   }
 
   // Each layer's criteria scores, shaped like its weight, after checking that the weights are
@@ -296,12 +317,7 @@ class Sparsifier final : public SparsifierInterface {
     std::vector<torch::Tensor> out;
     for (const auto& l : layers_) {
       const auto& w = l.target.layer.weight();
-      // NaN propagates to the min and max, Inf shows in them: one vectorized pass, where
-      // isfinite().all() costs several.
-      const auto [lowest, highest] = torch::aminmax(w.detach());
-      detail::check_argument(std::isfinite(lowest.template item<double>()) && std::isfinite(highest.template item<double>()),
-                             where("prune/step"), detail::concat("weights of layer '", l.target.layer.name, "'"),
-                             "NaN or Inf", "finite values");
+      check_finite(l);
       torch::Tensor grad;
       if constexpr (Criteria::needs_gradients) {
         detail::check_argument(w.grad().defined(), where("prune/step"),
