@@ -80,6 +80,18 @@ std::vector<std::shared_ptr<nn::Module>> forward_lists(nn::Module& m) {
   return out;
 }
 
+// The part of a training batch between before_batch and the backward, as the Learner runs it.
+template <class Model>
+void forward_and_loss(CallbackList& callbacks, TrainingState& s, Model& model, const torch::Tensor& x,
+                      const torch::Tensor& y) {
+  s.x = x;
+  s.y = y;
+  s.pred = model->forward(x);
+  s.loss = F::cross_entropy(s.pred, y);
+  callbacks.after_pred(s);
+  callbacks.after_loss(s);
+}
+
 std::vector<bool> modes(nn::Module& m) {
   std::vector<bool> out;
   for (const auto& s : m.modules()) out.push_back(s->is_training());
@@ -244,12 +256,7 @@ TEST_CASE("FeatureDistillation as a callback adds the same loss a hand-written l
   CHECK(student->begin()[3].ptr() != original);
   CHECK(student->named_children()[3].value() == original);
   CHECK(student->named_parameters().size() == 6);
-  s.x = x;
-  s.y = y;
-  s.pred = student->forward(x);
-  s.loss = F::cross_entropy(s.pred, y);
-  callbacks.after_pred(s);
-  callbacks.after_loss(s);
+  forward_and_loss(callbacks, s, student, x, y);
   callbacks.after_fit(s);
   CHECK(student->begin()[3].ptr() == original);
 
@@ -349,12 +356,7 @@ TEST_CASE("FeatureDistillation between modules with a hand-written forward, in a
   callbacks.before_fit(s);
   callbacks.before_batch(s);
   CHECK(forward_lists(*student) != before);
-  s.x = x;
-  s.y = y;
-  s.pred = student->forward(x);
-  s.loss = F::cross_entropy(s.pred, y);
-  callbacks.after_pred(s);
-  callbacks.after_loss(s);
+  forward_and_loss(callbacks, s, student, x, y);
   callbacks.after_fit(s);
   CHECK(forward_lists(*student) == before);
 
