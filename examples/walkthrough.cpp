@@ -225,10 +225,19 @@ class Walkthrough {
                 << " (eager), ";
     std::cout << "accuracy " << std::showpos << 100 * (last.accuracy - base.accuracy) << std::noshowpos
               << " points.\n";
-    for (const Row* int8 = &last + 1; int8 != rows_.data() + rows_.size(); ++int8)
+    for (const Row* int8 = &last + 1; int8 != rows_.data() + rows_.size(); ++int8) {
       std::cout << int8->stage << " vs final fp32: " << double(last.bytes) / double(int8->bytes) << "x smaller, "
                 << median(last.eager_ms) / median(int8->eager_ms) << "x lower latency (eager), accuracy "
                 << std::showpos << 100 * (int8->accuracy - last.accuracy) << std::noshowpos << " points.\n";
+      // The model that ships against the one we started from.
+      std::cout << int8->stage << " vs baseline: " << double(base.bytes) / double(int8->bytes) << "x smaller, "
+                << median(base.eager_ms) / median(int8->eager_ms) << "x lower latency at batch 1";
+      if (large)
+        std::cout << ", " << median(base.large_batch_ms) / median(int8->large_batch_ms) << "x at batch "
+                  << a_.large_batch;
+      std::cout << " (eager baseline), accuracy " << std::showpos << 100 * (int8->accuracy - base.accuracy)
+                << std::noshowpos << " points.\n";
+    }
   }
 
   // The last fp32 stage as a TorchScript file (Python: torch.jit.load(path)(x)); one process
