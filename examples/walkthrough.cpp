@@ -70,6 +70,7 @@ struct Args {
   std::uint64_t seed = 42;
   int threads = 1;          // for the latency measurements
   std::int64_t large_batch = 32;  // the second latency column (0: none)
+  std::int64_t round_to = 1;      // channels kept per layer: a multiple of this (1: any count)
 };
 
 // One stage of the summary. Latencies are measured at the end, interleaved over the stages.
@@ -325,6 +326,7 @@ int main(int argc, char** argv) {
       .option("--data", a.data, "folder of the Fashion-MNIST files")
       .option("--threads", a.threads, "threads for the latency measurements")
       .option("--large-batch", a.large_batch, "batch size of the second latency column (eager; 0: none)")
+      .option("--round-to", a.round_to, "channels kept per layer: a multiple of this (filter granularity; 1: any)")
       .option("--seed", a.seed, "seed of initialization, shuffling and subsets");
   return cli.run(argc, argv, [&] {
     // Under scripts/launch.sh: data-parallel Learners, and output from rank 0 only.
@@ -361,7 +363,7 @@ int main(int argc, char** argv) {
 
     w.title("4. Sparsify while fine-tuning: " + a.granularity + ", local, l1, " + a.schedule);
     auto sparsifier = make_sparsifier(student, {a.granularity, "local", "l1", a.schedule},
-                                      SparsifierOptions(a.sparsity));
+                                      SparsifierOptions(a.sparsity).round_to(a.round_to));
     // The schedule reaches the target before the end, so the last part of the fine-tune
     // recovers at the final sparsity (as Zhu & Gupta stop pruning before training ends).
     SparsifyCallback sparsify(*sparsifier, SparsifyCallbackOptions().end(a.sparsify_until));
