@@ -332,6 +332,7 @@ int main(int argc, char** argv) {
     // Under scripts/launch.sh: data-parallel Learners, and output from rank 0 only.
     if (a.qat_epochs < 0 || !(a.qat_lr > 0))
       throw example::usage_error("--qat-epochs must be >= 0 and --qat-lr > 0");
+    if (a.large_batch < 0) throw example::usage_error("--large-batch must be >= 0 (0: no batch column)");
     const auto job = dist::join_launched_job();
     const auto start = std::chrono::steady_clock::now();
     if (a.quick) {

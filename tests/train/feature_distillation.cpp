@@ -333,6 +333,9 @@ TEST_CASE("forward_with_features on a module with a hand-written forward: the zo
   CHECK_THROWS_WITH(forward_with_features(resnet, x, {"conv1"}),
                     Contains("layers") && Contains("'conv1'") && Contains("'layer1.0'"));
   CHECK(forward_lists(*resnet) == before);
+  // A forward that throws (one channel where the stem wants three) leaves no tap behind.
+  CHECK_THROWS(forward_with_features(resnet, torch::randn({2, 1, 32, 32}), {"layer1", "layer2.0"}));
+  CHECK(forward_lists(*resnet) == before);
 }
 
 TEST_CASE("FeatureDistillation between modules with a hand-written forward, in a Learner",

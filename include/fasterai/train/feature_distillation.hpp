@@ -73,6 +73,7 @@
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
 #include <fasterai/core/sequential.hpp>
+#include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/train/callback.hpp>
 
 namespace fasterai {
@@ -223,10 +224,6 @@ struct ChildSite {
   std::string name;
 };
 
-inline std::string join_layer_name(const std::string& prefix, const std::string& name) {
-  return prefix.empty() ? name : prefix + "." + name;
-}
-
 // Depth-first from `m` (named `prefix`): the entries of every Sequential, and after its entries
 // each non-empty Sequential that is not an entry, at its last entry.
 inline void collect_sites(torch::nn::Module& m, const std::string& prefix, bool is_entry,
@@ -234,7 +231,7 @@ inline void collect_sites(torch::nn::Module& m, const std::string& prefix, bool 
   if (auto* seq = m.as<torch::nn::SequentialImpl>()) {
     const auto children = seq->named_children();
     for (std::size_t i = 0; i < seq->size(); ++i) {
-      const std::string name = join_layer_name(prefix, children[i].key());
+      const std::string name = join_name(prefix, children[i].key());
       out.push_back({seq, i, name});
       collect_sites(*seq->begin()[static_cast<std::ptrdiff_t>(i)].ptr(), name, /*is_entry=*/true, out);
     }
@@ -242,7 +239,7 @@ inline void collect_sites(torch::nn::Module& m, const std::string& prefix, bool 
     return;
   }
   for (const auto& child : m.named_children())
-    collect_sites(*child.value(), join_layer_name(prefix, child.key()), /*is_entry=*/false, out);
+    collect_sites(*child.value(), join_name(prefix, child.key()), /*is_entry=*/false, out);
 }
 
 inline std::vector<ChildSite> child_sites(torch::nn::Module& root) {
@@ -598,7 +595,8 @@ inline void FeatureDistillation::before_batch(TrainingState&) {
 
 inline void FeatureDistillation::after_loss(TrainingState& state) {
   constexpr auto where = detail::feature_distillation_where;
-  install_taps();  // a callback list may run after_loss without before_batch
+  // Without before_batch the forward ran without taps: take() then names the layer it misses.
+  install_taps();
   state.loss = state.loss + loss(state.x, taps_->take(where));
 }
 
