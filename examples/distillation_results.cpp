@@ -1,27 +1,26 @@
-// Feature distillation against soft-target distillation, on Fashion-MNIST with
-// the walkthrough's models: a wider compact VGG teacher (widths 32/64/128,
-// hidden 512) trained first, then the walkthrough's compact VGG student trained
-// from the same initial weights in each row for the same epochs:
+// Feature distillation against soft-target distillation on Fashion-MNIST. A teacher is trained
+// first, then the student from the same initial weights in each row for the same epochs:
 //
-//   student alone            cross-entropy only
-//   soft targets (KD)        KnowledgeDistillation (T, α as the walkthrough's
-//   defaults) KD + FitNet hint         + the MSE between the last stage's
-//   features (after its ReLU,
-//                            7×7), the student's through a learned 1×1 adapter
-//                            (64 -> 128)
-//   KD + attention transfer  + attention maps of the second and third stages
-//   (14×14, 7×7)
+//   student alone             cross-entropy only
+//   soft targets (KD)         KnowledgeDistillation (T, alpha as the walkthrough's defaults)
+//   KD + FitNet hint          + the MSE between the last stage's features (7x7), the student's
+//                             through a learned 1x1 adapter
+//   KD + attention transfer   + attention maps of the second and third stages (14x14, 7x7)
 //
-// Each row is repeated for --seeds seeds (initial weights, shuffling and the
-// teacher's own seed); the table gives every seed's accuracy and their mean.
+// --model vgg (default): the walkthrough's compact VGG student (16/32/64) and a wider compact VGG
+// teacher (32/64/128, hidden 512), both Sequentials. --model resnet: residual networks with
+// their own forward that keep their blocks in a Sequential member, as torchvision's ResNet does
+// (student 16/16/32, teacher 32/32/64, the widths of examples/train_residual): the hints name
+// the blocks ("stages.1", "stages.2"), read through taps in that member's forward.
 //
-//   distillation_results [--epochs 3] [--teacher-epochs 3] [--seeds 2] [--lr
-//   3e-3]
-//                        [--subset 10000] [--test 10000] [--temperature 3]
-//                        [--alpha 0.5]
-//                        [--data PATH] [--quick]
+// Each row is repeated for --seeds seeds (initial weights, shuffling and the teacher's own
+// seed); the table gives every seed's accuracy and their mean.
 //
-// docs/toolbox.md has the table and its reading.
+//   distillation_results [--model vgg|resnet] [--epochs 3] [--teacher-epochs 3] [--seeds 2]
+//                        [--lr 3e-3] [--subset 10000] [--test 10000] [--temperature 3]
+//                        [--alpha 0.5] [--data PATH] [--quick]
+//
+// docs/toolbox.md has the tables and their reading.
 #include <cstdio>
 #include <fasterai/fasterai.hpp>
 #include <iostream>
@@ -29,6 +28,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/small_resnet.hpp"
 
 namespace {
 
@@ -39,18 +39,56 @@ struct Settings {
   double lr = 3e-3, temperature = 3.0, alpha = 0.5;
   std::int64_t subset = 10000, test = 10000;
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  std::string model = "vgg";
   bool quick = false;
 };
 
-torch::nn::Sequential student_model() { return models::compact_vgg(); }
-torch::nn::Sequential teacher_model() {
-  return models::compact_vgg(models::CompactVGGOptions().widths({32, 64, 128}).hidden(512));
-}
+// The compact VGGs: the layers whose outputs are matched are each stage's last ReLU (features
+// of the compact VGG with BatchNorm: conv, bn, relu [, pool] per convolution).
+struct VggPair {
+  static torch::nn::Sequential student() { return models::compact_vgg(); }
+  static torch::nn::Sequential teacher() {
+    return models::compact_vgg(models::CompactVGGOptions().widths({32, 64, 128}).hidden(512));
+  }
+  static constexpr const char* stage2 = "features.9";
+  static constexpr const char* stage3 = "features.16";
+  static constexpr const char* teacher_name = "teacher (32/64/128, hidden 512)";
+};
 
-// The layers whose outputs are matched: each stage's last ReLU (features of the
-// compact VGG with BatchNorm: conv, bn, relu [, pool] per convolution).
-constexpr const char *stage2 = "features.9";
-constexpr const char *stage3 = "features.16";
+// A residual network as torchvision writes ResNet: its own forward (stem, then the blocks, a
+// pooled linear head), the blocks in a Sequential member, so that each can be named for a hint.
+struct StagedResNetImpl : torch::nn::Cloneable<StagedResNetImpl> {
+  std::vector<std::int64_t> widths;
+  torch::nn::Conv2d stem{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+  torch::nn::Sequential stages{nullptr};
+  torch::nn::Linear fc{nullptr};
+  explicit StagedResNetImpl(std::vector<std::int64_t> stage_widths) : widths(std::move(stage_widths)) {
+    reset();
+  }
+  void reset() override {
+    namespace nn = torch::nn;
+    stem = register_module("stem", nn::Conv2d(nn::Conv2dOptions(1, widths[0], 3).padding(1).bias(false)));
+    bn = register_module("bn", nn::BatchNorm2d(widths[0]));
+    stages = register_module("stages", nn::Sequential(example::Block(widths[0], widths[0], 1),
+                                                      example::Block(widths[0], widths[1], 2),
+                                                      example::Block(widths[1], widths[2], 2)));
+    fc = register_module("fc", nn::Linear(widths[2], 10));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = stages->forward(torch::relu(bn(stem(x))));
+    return fc(torch::flatten(torch::adaptive_avg_pool2d(x, {1, 1}), 1));
+  }
+};
+TORCH_MODULE(StagedResNet);
+
+struct ResNetPair {
+  static StagedResNet student() { return StagedResNet(std::vector<std::int64_t>{16, 16, 32}); }
+  static StagedResNet teacher() { return StagedResNet(std::vector<std::int64_t>{32, 32, 64}); }
+  static constexpr const char* stage2 = "stages.1";
+  static constexpr const char* stage3 = "stages.2";
+  static constexpr const char* teacher_name = "teacher (residual, 32/32/64)";
+};
 
 struct Row {
   std::string method;
@@ -70,15 +108,17 @@ class Experiment {
         data::make_batches(data::FashionMNIST(data::Split::Test, test_options), data::LoaderOptions(1000));
   }
 
-  Learner learner(torch::nn::Sequential &model, std::uint64_t seed) const {
+  template <traceable Model>
+  Learner learner(Model& model, std::uint64_t seed) const {
     return Learner(model, train_, test_, LearnerOptions().seed(seed).progress(Progress::None).out(nullptr));
   }
 
   // One seed: the teacher, then every row's student from the same initial
   // weights.
-  std::vector<double> run(std::uint64_t seed, double *teacher_accuracy) const {
+  template <class Pair>
+  std::vector<double> run(std::uint64_t seed, double* teacher_accuracy) const {
     torch::manual_seed(static_cast<std::int64_t>(seed) + 1000);
-    auto teacher = teacher_model();
+    auto teacher = Pair::teacher();
     {
       Learner learn = learner(teacher, seed + 1000);
       learn.fit_one_cycle(s_.teacher_epochs, s_.lr);
@@ -89,7 +129,7 @@ class Experiment {
     std::vector<double> out;
     for (int method = 0; method < 4; ++method) {
       torch::manual_seed(static_cast<std::int64_t>(seed));
-      auto student = student_model();
+      auto student = Pair::student();
       Learner learn = learner(student, seed);
       KnowledgeDistillation kd(teacher, s_.temperature, s_.alpha);
       if (method == 0) {
@@ -99,9 +139,9 @@ class Experiment {
       } else {
         std::vector<FeatureHint> hints;
         if (method == 2)
-          hints.push_back(fitnet_hint(stage3, stage3));
+          hints.push_back(fitnet_hint(Pair::stage3, Pair::stage3));
         else
-          hints = {attention_hint(stage2, stage2), attention_hint(stage3, stage3)};
+          hints = {attention_hint(Pair::stage2, Pair::stage2), attention_hint(Pair::stage3, Pair::stage3)};
         FeatureDistillation fd(student, teacher, example, hints);
         learn.fit_one_cycle(s_.epochs, s_.lr, {kd, fd});  // after KD, which rescales the loss
       }
@@ -123,7 +163,8 @@ int main(int argc, char** argv) {
   example::Cli cli("distillation_results",
                    "Feature distillation (FitNet hints, attention transfer) against "
                    "soft-target distillation on Fashion-MNIST.");
-  cli.option("--epochs", s.epochs, "one-cycle epochs of each student")
+  cli.option("--model", s.model, "vgg (compact VGGs) or resnet (residual networks, blocks in a Sequential member)")
+      .option("--epochs", s.epochs, "one-cycle epochs of each student")
       .option("--teacher-epochs", s.teacher_epochs, "one-cycle epochs of the teacher")
       .option("--seeds", s.seeds, "seeds each row is trained with (the table shows each and the mean)")
       .option("--lr", s.lr, "peak learning rate of the cycles (Adam)")
@@ -140,16 +181,20 @@ int main(int argc, char** argv) {
       throw example::usage_error(
           "--epochs, --teacher-epochs, --seeds, --subset and --test must be >= 1, --lr and --temperature > 0, "
           "--alpha in [0, 1]");
+    if (s.model != "vgg" && s.model != "resnet")
+      throw example::usage_error("--model '" + s.model + "' is not allowed; expected vgg or resnet");
+    const bool resnet = s.model == "resnet";
     const Experiment experiment(s);
     const std::vector<std::string> names{"student alone", "soft targets (KD)",
                                          "KD + FitNet hint (stage 3, 1x1 adapter)",
                                          "KD + attention transfer (stages 2, 3)"};
     std::vector<Row> rows;
     for (const auto& n : names) rows.push_back({n, {}});
-    Row teacher{"teacher (32/64/128, hidden 512)", {}};
+    Row teacher{resnet ? ResNetPair::teacher_name : VggPair::teacher_name, {}};
     for (int i = 0; i < s.seeds; ++i) {
       double t = 0;
-      const auto accuracies = experiment.run(static_cast<std::uint64_t>(42 + i), &t);
+      const auto seed = static_cast<std::uint64_t>(42 + i);
+      const auto accuracies = resnet ? experiment.run<ResNetPair>(seed, &t) : experiment.run<VggPair>(seed, &t);
       teacher.accuracies.push_back(t);
       for (std::size_t m = 0; m < rows.size(); ++m) rows[m].accuracies.push_back(accuracies[m]);
     }
