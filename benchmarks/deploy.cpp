@@ -7,6 +7,10 @@
 //     model    original: untrained weights, BatchNorm statistics as after training
 //              compressed: Filter/Local/L1 at 40%, Pruner, BNFolder (the article's stages
 //              without the FCDecomposer)
+//              floor (compact_vgg only): the compressed model's operators with one channel in
+//              every layer (widths 1/1/1, hidden 1, folded): almost no MACs, so its latency is
+//              what the operator calls cost by themselves, the least any pruning of this
+//              network can reach at batch 1
 //     path     eager      the C++ module's forward
 //              folded     BatchNorms folded (BNFolder), eager
 //              traced     exported by fasterai::to_torchscript, run by the JIT
@@ -42,7 +46,7 @@ namespace {
 constexpr int kThreads = 1;
 
 enum class Network { vgg16_bn, compact_vgg, resnet50 };
-enum class Model { original, compressed };
+enum class Model { original, compressed, floor };
 enum class Path { eager, folded, traced, frozen, optimized };
 
 torch::Tensor example(Network network) {
@@ -86,11 +90,17 @@ std::shared_ptr<torch::nn::Module> eager_model(Network network, Model model) {
     built = resnet.ptr();
   } else {
     auto original = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
-                                                 : fasterai::models::compact_vgg();
+                    : model == Model::floor
+                        ? fasterai::models::compact_vgg(fasterai::models::CompactVGGOptions().widths({1, 1, 1}).hidden(1))
+                        : fasterai::models::compact_vgg();
     fasterai::bench::trained_looking_batch_norms(*original);
     original->eval();
     if (model == Model::original) {
       built = original.ptr();
+    } else if (model == Model::floor) {
+      auto folded = fasterai::BNFolder().fold(original);
+      folded->eval();
+      built = folded.ptr();
     } else {
       fasterai::Sparsifier<fasterai::granularity::Filter, fasterai::method::Local,
                            fasterai::criteria::L1, fasterai::schedule::OneShot>(original)
@@ -199,6 +209,12 @@ struct Registration {
                                                              : benchmark::kMillisecond);
         }
       }
+    for (const auto& [path, path_name] : {std::pair{Path::eager, "eager"}, std::pair{Path::optimized, "optimized"}}) {
+      const std::string name = std::string("Deploy_Latency/compact_vgg_floor_") + path_name;
+      deploy_repeated(benchmark::RegisterBenchmark(name.c_str(), Deploy_Latency, Network::compact_vgg,
+                                                   Model::floor, path),
+                      benchmark::kMicrosecond);
+    }
     benchmark::RegisterBenchmark("Deploy_PeakRates", Deploy_PeakRates)
         ->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(3);
   }
