@@ -2,6 +2,8 @@
 // `// [end]` appears verbatim there or in README.md (checked by the `guide_snippets` and
 // `readme_snippets` tests).
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
+#include <fasterai/io/state_dict.hpp>
 #include <fasterai/quant.hpp>  // quantize_traced: int8 is opt-in, it pulls LibTorch's JIT
 
 #include <iostream>

@@ -23,6 +23,7 @@
 // docs/toolbox.md has the tables and their reading.
 #include <cstdio>
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <iostream>
 #include <string>
 #include <vector>

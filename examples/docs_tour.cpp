@@ -10,6 +10,7 @@
 #include <fasterai/deploy.hpp>
 #include <fasterai/dist.hpp>
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/quant.hpp>
 
 #include <cstdio>

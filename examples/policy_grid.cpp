@@ -9,6 +9,7 @@
 //
 //   policy_grid [--quick] [--iterative] [--sparsity 50] [--epochs 1] [--train 12000] ...
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/pruner.hpp>
 

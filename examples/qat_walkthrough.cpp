@@ -9,6 +9,7 @@
 //
 //   qat_walkthrough [--quick] [--epochs 3] [--qat-epochs 1] [--train 60000] ...  (--help)
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/quant/calibrator.hpp>
 #include <fasterai/quant/qat.hpp>
 

@@ -8,6 +8,7 @@
 //
 //   quantize_walkthrough [--quick] [--epochs 3] [--calibration-batches 16] ...  (--help)
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/quant/calibrator.hpp>
 #include <fasterai/quant/quantize_dynamic.hpp>
 #include <fasterai/transform/bn_folder.hpp>

@@ -11,6 +11,7 @@
 //
 // docs/toolbox.md has the tables of `--subset 5000` and their reading.
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 
 #include <cstdio>
 #include <functional>

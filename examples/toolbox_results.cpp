@@ -17,6 +17,7 @@
 //
 // docs/toolbox.md has the tables of both models and their reading.
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 
 #include <cstdio>
 #include <functional>

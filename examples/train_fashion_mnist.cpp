@@ -4,6 +4,7 @@
 //   train_fashion_mnist [--epochs 3] [--lr 5e-3] [--batch-size 128] [--subset N]
 //                       [--data /usr/share/datasets/fashion-mnist] [--seed 42] [--csv FILE]
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 
 #include <chrono>
 #include <cstdlib>

@@ -21,6 +21,7 @@
 //   walkthrough [--quick] [--epochs 3] [--sparsity 40] [--schedule cos] [--granularity filter]
 //               [--data /usr/share/datasets/fashion-mnist] ...   (--help lists them all)
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/dist/launched_job.hpp>

@@ -5,6 +5,7 @@
 // that a slow phase of the machine hits every stage alike.
 
 #include <fasterai/fasterai.hpp>
+#include <fasterai/data/fashion_mnist.hpp>
 
 #include <algorithm>
 #include <iomanip>

@@ -6,6 +6,10 @@
 //   <fasterai/quant.hpp>     int8: dynamic, static, traced, quantization-aware training
 //   <fasterai/compress.hpp>  compress_for_deployment: prune, fold, optimize, int8, export in one call
 //   <fasterai/dist.hpp>      data-parallel training over c10d
+// Two more are opt-in because half of what this header would otherwise add to a translation
+// unit's compile time is theirs (docs/building.md):
+//   <fasterai/io/state_dict.hpp>        save and load PyTorch state_dict files (also in deploy.hpp)
+//   <fasterai/data/fashion_mnist.hpp>   the Fashion-MNIST dataset of the examples
 
 #include <fasterai/core/concepts.hpp>
 #include <fasterai/core/error.hpp>
@@ -13,15 +17,12 @@
 #include <fasterai/core/sequential.hpp>
 #include <fasterai/core/statistics.hpp>
 #include <fasterai/data/batches.hpp>
-#include <fasterai/data/fashion_mnist.hpp>
-#include <fasterai/data/idx.hpp>
 #include <fasterai/graph/autograd_ops.hpp>
 #include <fasterai/graph/graph.hpp>
 #include <fasterai/graph/macs.hpp>
 #include <fasterai/graph/removal.hpp>
 #include <fasterai/graph/sequential_graph.hpp>
 #include <fasterai/graph/trace.hpp>
-#include <fasterai/io/state_dict.hpp>
 #include <fasterai/layers/layer_walk.hpp>
 #include <fasterai/layers/sparsity_report.hpp>
 #include <fasterai/models/compact_vgg.hpp>

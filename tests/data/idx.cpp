@@ -1,5 +1,6 @@
 #include "catch.hpp"
 
+#include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/data/idx.hpp>
 
 #include <sys/resource.h>
