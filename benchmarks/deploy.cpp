@@ -89,10 +89,10 @@ std::shared_ptr<torch::nn::Module> eager_model(Network network, Model model) {
     resnet->eval();
     built = resnet.ptr();
   } else {
+    auto compact = fasterai::models::CompactVGGOptions();
+    if (model == Model::floor) compact.widths({1, 1, 1}).hidden(1);
     auto original = network == Network::vgg16_bn ? fasterai::models::vgg16_bn(10)
-                    : model == Model::floor
-                        ? fasterai::models::compact_vgg(fasterai::models::CompactVGGOptions().widths({1, 1, 1}).hidden(1))
-                        : fasterai::models::compact_vgg();
+                                                 : fasterai::models::compact_vgg(compact);
     fasterai::bench::trained_looking_batch_norms(*original);
     original->eval();
     if (model == Model::original) {
