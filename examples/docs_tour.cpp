@@ -18,6 +18,8 @@
 #include <iostream>
 #include <string_view>
 
+#include "common/small_resnet.hpp"
+
 namespace {
 
 using fasterai::data::Batches;
@@ -190,6 +192,19 @@ void toolbox_page() {
     torch::nn::Sequential int8 = qat.convert();           // Calibrator::convert with the trained ranges
     // [end]
     std::cout << "QAT int8 output " << int8->forward(torch::randn({1, 1, 28, 28})).sizes() << "\n";
+  }
+  {
+    example::SmallResNet model;   // a module with its own forward: residual additions
+    auto example = torch::randn({1, 1, 28, 28});
+    auto train = train_batches();
+    auto valid = valid_batches();
+    // [traced_qat]
+    fasterai::TracedQuantizationAwareTraining qat(model, example);   // any traceable module, unchanged
+    fasterai::Learner learn(qat.model(), train, valid);              // its traced graph, fake-quantized
+    learn.fit(2, 1e-4, {qat.freeze_observers_at(0.8)});
+    torch::jit::Module int8 = qat.convert();                         // as TracedCalibrator::convert
+    // [end]
+    std::cout << "traced QAT int8 output " << int8.forward({example}).toTensor().sizes() << "\n";
   }
 }
 

@@ -9,3 +9,4 @@
 #include <fasterai/quant/quantize_dynamic.hpp>
 #include <fasterai/quant/quantized_layers.hpp>
 #include <fasterai/quant/traced_calibrator.hpp>
+#include <fasterai/quant/traced_qat.hpp>

@@ -14,11 +14,13 @@
 
 #include "../train/fixtures.hpp"
 #include "../transform/transform_testing.hpp"
+#include "squares.hpp"
 
 namespace nn = torch::nn;
 namespace F = torch::nn::functional;
 using namespace fasterai;
 using Catch::Contains;
+using fixtures::squares;
 
 namespace {
 
@@ -30,24 +32,6 @@ nn::Sequential small_convnet(std::uint64_t seed) {
                         nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(6, 8, 3).padding(1)), nn::ReLU(),
                         nn::AdaptiveAvgPool2d(1), nn::Flatten(), nn::Linear(8, 16), nn::ReLU(),
                         nn::Linear(16, 3));
-}
-
-// Images whose class decides where a bright square sits.
-std::vector<torch::data::Example<>> squares(std::int64_t n, std::int64_t batch, std::uint64_t seed,
-                                            double noise = 0.3, double brightness = 2.0) {
-  torch::manual_seed(seed);
-  const auto y = torch::randint(3, {n}, torch::kLong);
-  auto x = noise * torch::randn({n, 1, 8, 8});
-  for (std::int64_t i = 0; i < n; ++i) {
-    const auto c = y[i].item<std::int64_t>() * 2;
-    x[i].narrow(1, c, 3).narrow(2, c, 3).add_(brightness);
-  }
-  std::vector<torch::data::Example<>> out;
-  for (std::int64_t i = 0; i < n; i += batch) {
-    const auto len = std::min(batch, n - i);
-    out.push_back({x.narrow(0, i, len), y.narrow(0, i, len)});
-  }
-  return out;
 }
 
 void train(nn::Sequential model, const std::vector<torch::data::Example<>>& data, int epochs, double lr) {

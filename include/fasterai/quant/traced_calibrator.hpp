@@ -176,6 +176,31 @@ inline int fold_conv_batch_norms(torch::jit::Module& m) {
   return folded;
 }
 
+// `aten::max_pool2d` with its sizes as two numbers each. `torch::max_pool2d(x, 2)` records
+// kernel [2], stride [] (the kernel), padding [0], dilation [1]: fp32 pooling expands them, but
+// the int8 kernel the passes put in its place refuses anything but two numbers ("Expected no
+// strides or 2d strides"), so the int8 graph failed at its first forward. Returns the count.
+inline int two_dimensional_pooling(torch::jit::Graph& graph) {
+  int changed = 0;
+  for (torch::jit::Node* n : graph.nodes()) {
+    if (n->kind() != c10::aten::max_pool2d || n->inputs().size() < 5) continue;
+    const auto kernel = torch::jit::toIValue(n->input(1));
+    if (!kernel || !kernel->isIntList()) continue;
+    for (std::size_t i = 1; i <= 4; ++i) {
+      const auto value = torch::jit::toIValue(n->input(i));
+      if (!value || !value->isIntList()) continue;
+      std::vector<std::int64_t> sizes = value->toIntVector();
+      if (sizes.empty() && i == 2) sizes = kernel->toIntVector();  // the stride defaults to the kernel
+      if (sizes.size() == 1) sizes = {sizes[0], sizes[0]};
+      if (sizes == value->toIntVector()) continue;
+      torch::jit::WithInsertPoint here(n);
+      n->replaceInput(i, graph.insertConstant(c10::IValue(sizes)));
+      ++changed;
+    }
+  }
+  return changed;
+}
+
 // `aten::relu_(x)` → `aten::relu(x)` where nothing else reads x: the same values, and the
 // out-of-place form is the one the graph passes fuse into the int8 kernel before it
 // (quantized::conv2d_relu, quantized::linear_relu) instead of running a ReLU of its own.
@@ -204,7 +229,17 @@ inline int functional_relus(torch::jit::Module& m) {
 // per output channel for a weight); the affine map is computed in C++ (quant/observer.hpp) and
 // stored in `scale` and `zero_point`, which `calculate_qparams` hands to the graph passes.
 // `dtype`, `qscheme` and `ch_axis` are what those passes read from an observer.
-inline torch::jit::Module range_observer(bool weight, const std::shared_ptr<torch::jit::CompilationUnit>& cu) {
+//
+// With `fake_quantize` (quantization-aware training, traced_qat.hpp) it also returns what int8
+// makes of its input, with the straight-through gradient of torch.fake_quantize_*: an
+// activation on the map in `scale`/`zero_point` once `ready` (set from C++ after a range was
+// observed; until then it passes unchanged) and observed only while `observing`; a weight on
+// the grid quantize_weight puts it: symmetric per output channel, scale max|w_c|/127 (1 for a
+// channel of zeros), recomputed from the weight at every forward. A weight's range is the
+// current weight's, not a running one: the calibrator sees the same weight at every batch, and
+// in training only the latest weight is the one converted.
+inline torch::jit::Module range_observer(bool weight, bool fake_quantize,
+                                         const std::shared_ptr<torch::jit::CompilationUnit>& cu) {
   torch::jit::Module o(c10::QualifiedName(weight ? "__torch__.fasterai.quant.WeightRangeObserver"
                                                  : "__torch__.fasterai.quant.ActivationRangeObserver"),
                        cu, /*shouldMangle=*/true);
@@ -214,6 +249,9 @@ inline torch::jit::Module range_observer(bool weight, const std::shared_ptr<torc
   o.register_attribute("qscheme", c10::IntType::get(),
                        static_cast<std::int64_t>(weight ? c10::kPerChannelSymmetric : c10::kPerTensorAffine));
   o.register_attribute("ch_axis", c10::IntType::get(), static_cast<std::int64_t>(weight ? 0 : -1));
+  o.register_attribute("fake_quantize", c10::BoolType::get(), fake_quantize);
+  o.register_attribute("observing", c10::BoolType::get(), true);
+  o.register_attribute("ready", c10::BoolType::get(), false);
   o.register_buffer("min_val", torch::empty({0}));
   o.register_buffer("max_val", torch::empty({0}));
   o.register_buffer("scale", torch::ones({1}, torch::kFloat64));
@@ -222,17 +260,30 @@ inline torch::jit::Module range_observer(bool weight, const std::shared_ptr<torc
 def forward(self, x: Tensor) -> Tensor:
     y = x.detach().float()
     if self.ch_axis == 0:
-        lo = torch.amin(torch.flatten(y, 1), 1)
-        hi = torch.amax(torch.flatten(y, 1), 1)
-    else:
+        self.min_val = torch.amin(torch.flatten(y, 1), 1)
+        self.max_val = torch.amax(torch.flatten(y, 1), 1)
+        if not self.fake_quantize:
+            return x
+        a = torch.maximum(torch.abs(self.min_val), torch.abs(self.max_val)).double()
+        scales = torch.where(a > 0, a / 127.0, torch.ones_like(a))
+        fq = torch.fake_quantize_per_channel_affine(x, scales.float(), torch.zeros_like(scales).int(), 0, -128, 127)
+        # The int8 weight dequantizes as float(q * scale) with a float64 scale; the kernel's float32
+        # product can differ in the last bit. Same grid point, the converted model's value.
+        shape = [-1] + [1] * (x.dim() - 1)
+        q = torch.round(fq.detach() / torch.reshape(scales.float(), shape))
+        exact = (q.double() * torch.reshape(scales, shape)).to(x.dtype)
+        return fq + (exact - fq.detach())
+    if self.observing:
         lo = torch.reshape(torch.amin(y), [1])
         hi = torch.reshape(torch.amax(y), [1])
-    if self.min_val.numel() == 0:
-        self.min_val = lo
-        self.max_val = hi
-    else:
-        self.min_val = torch.minimum(self.min_val, lo)
-        self.max_val = torch.maximum(self.max_val, hi)
+        if self.min_val.numel() == 0:
+            self.min_val = lo
+            self.max_val = hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+    if self.fake_quantize and self.ready:
+        return torch.fake_quantize_per_tensor_affine(x, float(self.scale.item()), int(self.zero_point.item()), 0, 255)
     return x
 
 def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
@@ -244,7 +295,7 @@ def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
 // The exported module made ready for the graph passes, as a clone (its own tensors and
 // methods, so neither the export nor the model changes): BatchNorms folded (`folded` says how
 // many), aten::_convolution (what C++'s conv2d records) as aten::conv2d, the form whose ReLU
-// the passes fuse, and ReLUs out of place.
+// the passes fuse, ReLUs out of place, and max pooling sizes as two numbers each.
 inline torch::jit::Module prepared_for_quantization(const torch::jit::Module& exported, bool fold_batch_norm,
                                                     int& folded) {
   torch::jit::Module m = exported.clone();
@@ -253,6 +304,7 @@ inline torch::jit::Module prepared_for_quantization(const torch::jit::Module& ex
   std::shared_ptr<torch::jit::Graph> graph = m.get_method("forward").graph();
   torch::jit::graph_rewrite_helper::replaceConvolutionWithAtenConv(graph);
   functional_relus(m);
+  two_dimensional_pooling(*graph);
   return m;
 }
 
@@ -293,6 +345,69 @@ inline int fuse_relus_after_observers(torch::jit::Graph& graph) {
   return static_cast<int>(moved.size());
 }
 
+// The model exported (in eval mode; the model is left as it was), made ready for the graph
+// passes and observed: a range observer on every value an int8 kernel reads or writes,
+// fake-quantizing ones for quantization-aware training. Checks what both users check.
+template <traceable Model>
+torch::jit::Module observed_export(Model& model, const torch::Tensor& example, const TracedQuantOptions& options,
+                                   bool fake_quantize, const char* where, int& folded) {
+  quant::engine_from_name(where, "engine", options.engine());
+  for (const auto& p : impl(model).parameters())
+    check_argument(p.device().is_cpu(), where, "model", "parameters on " + p.device().str(),
+                   "a model on the CPU, where int8 kernels run (model->to(torch::kCPU) first)");
+  torch::jit::Module exported = [&] {
+    const EvalModeGuard eval(impl(model));
+    return to_torchscript(model, example, ExportOptions().check(false));
+  }();
+  torch::jit::Module observed = prepared_for_quantization(exported, options.fold_batch_norm(), folded);
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  const torch::jit::QConfigDict qconfig{
+      {"", torch::jit::QConfig{range_observer(false, fake_quantize, cu), range_observer(true, fake_quantize, cu)}}};
+  observed = torch::jit::InsertObservers(observed, "forward", qconfig, /*inplace=*/true);
+  fuse_relus_after_observers(*observed.get_method("forward").graph());
+  return observed;
+}
+
+// The observers InsertObservers added (children of the observed module).
+inline std::vector<torch::jit::Module> range_observers(const torch::jit::Module& observed) {
+  std::vector<torch::jit::Module> found;
+  for (const auto& child : observed.children())
+    if (is_range_observer(child)) found.push_back(child);
+  return found;
+}
+
+// The affine map of an activation observer's range (quant/observer.hpp's, as the Calibrator's).
+inline std::pair<torch::Tensor, torch::Tensor> activation_map(const torch::jit::Module& o, bool reduce_range) {
+  const torch::Tensor lo = o.attr("min_val").toTensor(), hi = o.attr("max_val").toTensor();
+  const quant::QuantParams p = quant::affine_params(lo.item<double>(), hi.item<double>(), reduce_range);
+  return {torch::full({1}, p.scale, torch::kFloat64), torch::full({1}, p.zero_point, torch::kLong)};
+}
+
+// The int8 module of an observed one whose observers have all seen their values: the ranges
+// become affine maps (quint8 activations; qint8 weights, symmetric per output channel), then
+// InsertQuantDeQuant and Finalize rewrite the graph into int8 kernels packed for the engine.
+// The maps are written into the observers (`scale`, `zero_point`); the graph passes work on a
+// copy, so the observed module can go on observing or training.
+inline torch::jit::Module convert_observed(torch::jit::Module observed, const TracedQuantOptions& options,
+                                           const char* where) {
+  for (auto o : range_observers(observed)) {
+    const torch::Tensor lo = o.attr("min_val").toTensor(), hi = o.attr("max_val").toTensor();
+    if (lo.numel() == 0) continue;  // an observer the graph passes left unused
+    if (o.attr("ch_axis").toInt() == 0) {
+      const torch::Tensor scales = quant::symmetric_scales(torch::maximum(lo.abs(), hi.abs()));
+      o.setattr("scale", scales), o.setattr("zero_point", torch::zeros(scales.sizes(), torch::kLong));
+    } else {
+      const auto [scale, zero_point] = activation_map(o, options.reduce_range());
+      o.setattr("scale", scale), o.setattr("zero_point", zero_point);
+    }
+  }
+  const quant::EngineGuard engine(quant::engine_from_name(where, "engine", options.engine()));
+  torch::jit::Module q = torch::jit::InsertQuantDeQuant(observed, "forward", /*inplace=*/false, /*debug=*/false);
+  q = torch::jit::Finalize(q);
+  q.eval();
+  return q;
+}
+
 }  // namespace detail
 
 class TracedCalibrator {
@@ -303,21 +418,8 @@ class TracedCalibrator {
   template <traceable Model>
   TracedCalibrator(Model& model, const torch::Tensor& example, TracedQuantOptions options = {})
       : options_(std::move(options)) {
-    constexpr auto where = detail::traced_calibrator_where;
-    quant::engine_from_name(where, "engine", options_.engine());
-    for (const auto& p : detail::impl(model).parameters())
-      detail::check_argument(p.device().is_cpu(), where, "model", "parameters on " + p.device().str(),
-                             "a model on the CPU, where int8 kernels run (model->to(torch::kCPU) first)");
-    torch::jit::Module exported = [&] {
-      const detail::EvalModeGuard eval(detail::impl(model));
-      return to_torchscript(model, example, ExportOptions().check(false));
-    }();
-    observed_ = detail::prepared_for_quantization(exported, options_.fold_batch_norm(), folded_);
-    auto cu = std::make_shared<torch::jit::CompilationUnit>();
-    const torch::jit::QConfigDict qconfig{
-        {"", torch::jit::QConfig{detail::range_observer(false, cu), detail::range_observer(true, cu)}}};
-    observed_ = torch::jit::InsertObservers(observed_, "forward", qconfig, /*inplace=*/true);
-    detail::fuse_relus_after_observers(*observed_.get_method("forward").graph());
+    observed_ = detail::observed_export(model, example, options_, /*fake_quantize=*/false,
+                                        detail::traced_calibrator_where, folded_);
   }
 
   // Runs one batch through the observed graph. A batch that fails (a wrong shape) or brings
@@ -396,34 +498,11 @@ class TracedCalibrator {
     constexpr auto where = "fasterai::TracedCalibrator::convert";
     detail::check_argument(batches_ > 0, where, "batches observed", batches_,
                            "at least one calibration batch (call observe(...) first)");
-    std::vector<std::pair<torch::jit::Module, std::pair<torch::Tensor, torch::Tensor>>> maps;
-    for (const auto& o : observers()) {
-      const torch::Tensor lo = o.attr("min_val").toTensor(), hi = o.attr("max_val").toTensor();
-      if (lo.numel() == 0) continue;  // an observer the graph passes left unused
-      if (o.attr("ch_axis").toInt() == 0) {
-        const torch::Tensor scales = quant::symmetric_scales(torch::maximum(lo.abs(), hi.abs()));
-        maps.push_back({o, {scales, torch::zeros(scales.sizes(), torch::kLong)}});
-      } else {
-        const quant::QuantParams p =
-            quant::affine_params(lo.item<double>(), hi.item<double>(), options_.reduce_range());
-        maps.push_back({o, {torch::full({1}, p.scale, torch::kFloat64), torch::full({1}, p.zero_point, torch::kLong)}});
-      }
-    }
-    for (auto& [o, map] : maps) o.setattr("scale", map.first), o.setattr("zero_point", map.second);
-    const quant::EngineGuard engine(quant::engine_from_name(where, "engine", options_.engine()));
-    torch::jit::Module q = torch::jit::InsertQuantDeQuant(observed_, "forward", /*inplace=*/false, /*debug=*/false);
-    q = torch::jit::Finalize(q);
-    q.eval();
-    return q;
+    return detail::convert_observed(observed_, options_, where);
   }
 
  private:
-  std::vector<torch::jit::Module> observers() const {
-    std::vector<torch::jit::Module> found;
-    for (const auto& child : observed_.children())
-      if (detail::is_range_observer(child)) found.push_back(child);
-    return found;
-  }
+  std::vector<torch::jit::Module> observers() const { return detail::range_observers(observed_); }
 
   TracedQuantOptions options_;
   torch::jit::Module observed_;
