@@ -21,6 +21,7 @@ namespace F = torch::nn::functional;
 using namespace fasterai;
 using Catch::Contains;
 using fixtures::squares;
+using fixtures::train;
 
 namespace {
 
@@ -32,18 +33,6 @@ nn::Sequential small_convnet(std::uint64_t seed) {
                         nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(6, 8, 3).padding(1)), nn::ReLU(),
                         nn::AdaptiveAvgPool2d(1), nn::Flatten(), nn::Linear(8, 16), nn::ReLU(),
                         nn::Linear(16, 3));
-}
-
-void train(nn::Sequential model, const std::vector<torch::data::Example<>>& data, int epochs, double lr) {
-  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(lr));
-  model->train();
-  for (int e = 0; e < epochs; ++e)
-    for (const auto& b : data) {
-      const auto loss = F::cross_entropy(model->forward(b.data), b.target);
-      opt.zero_grad();
-      loss.backward();
-      opt.step();
-    }
 }
 
 double accuracy_of(nn::Sequential model, const std::vector<torch::data::Example<>>& data) {

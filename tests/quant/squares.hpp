@@ -1,6 +1,7 @@
 #pragma once
 // A small image task for the quantization tests: 1×8×8 images whose class (one of three)
-// decides where a bright square sits on the diagonal; noise and brightness set how hard it is.
+// decides where a bright square sits on the diagonal (noise and brightness set how hard it is),
+// and the training loop the tests run on it.
 
 #include <algorithm>
 #include <cstdint>
@@ -26,6 +27,21 @@ inline std::vector<torch::data::Example<>> squares(std::int64_t n, std::int64_t 
     out.push_back({x.narrow(0, i, len), y.narrow(0, i, len)});
   }
   return out;
+}
+
+// Adam on the cross-entropy of these batches, in train mode: any module holder (a Sequential,
+// a user's module, a QAT model).
+template <class Model>
+void train(Model model, const std::vector<torch::data::Example<>>& data, int epochs, double lr) {
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(lr));
+  model->train();
+  for (int e = 0; e < epochs; ++e)
+    for (const auto& b : data) {
+      const auto loss = torch::nn::functional::cross_entropy(model->forward(b.data), b.target);
+      opt.zero_grad();
+      loss.backward();
+      opt.step();
+    }
 }
 
 }  // namespace fixtures

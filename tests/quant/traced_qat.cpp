@@ -17,11 +17,11 @@
 #include "squares.hpp"
 
 namespace nn = torch::nn;
-namespace F = torch::nn::functional;
 using namespace fasterai;
 using namespace fasterai::testing;
 using Catch::Contains;
 using fixtures::squares;
+using fixtures::train;
 
 namespace {
 
@@ -58,19 +58,6 @@ ResidualNet residual_net(std::uint64_t seed) {
   randomize_batch_norms(*net);
   net->eval();
   return net;
-}
-
-template <class Model>
-void train(Model model, const std::vector<torch::data::Example<>>& data, int epochs, double lr) {
-  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(lr));
-  model->train();
-  for (int e = 0; e < epochs; ++e)
-    for (const auto& b : data) {
-      const auto loss = F::cross_entropy(model->forward(b.data), b.target);
-      opt.zero_grad();
-      loss.backward();
-      opt.step();
-    }
 }
 
 template <class Forward>
