@@ -5,7 +5,8 @@
 //   soft targets (KD)         KnowledgeDistillation (T, alpha as the walkthrough's defaults)
 //   KD + FitNet hint          + the MSE between the last stage's features (7x7), the student's
 //                             through a learned 1x1 adapter
-//   KD + attention transfer   + attention maps of the second and third stages (14x14, 7x7)
+//   KD + attention transfer   + attention maps of the second and third stages (14x14, 7x7), one
+//                             row per weight of --attention-weights (beta/2; the paper's is 500)
 //
 // --model vgg (default): the walkthrough's compact VGG student (16/32/64) and a wider compact VGG
 // teacher (32/64/128, hidden 512), both Sequentials. --model resnet: residual networks with
@@ -18,7 +19,7 @@
 //
 //   distillation_results [--model vgg|resnet] [--epochs 3] [--teacher-epochs 3] [--seeds 2]
 //                        [--lr 3e-3] [--subset 10000] [--test 10000] [--temperature 3]
-//                        [--alpha 0.5] [--data PATH] [--quick]
+//                        [--alpha 0.5] [--attention-weights 500[,50,...]] [--data PATH] [--quick]
 //
 // docs/toolbox.md has the tables and their reading.
 #include <cstdio>
@@ -41,8 +42,33 @@ struct Settings {
   std::int64_t subset = 10000, test = 10000;
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   std::string model = "vgg";
+  std::string attention_weights = "500";
+  std::vector<double> attention;  // --attention-weights, parsed
   bool quick = false;
 };
+
+// "500,50" -> {500, 50}; every weight must be a number > 0.
+std::vector<double> parse_weights(const std::string& list) {
+  std::vector<double> out;
+  std::size_t start = 0;
+  while (start <= list.size()) {
+    const auto end = std::min(list.find(',', start), list.size());
+    const std::string item = list.substr(start, end - start);
+    std::size_t used = 0;
+    double w = 0;
+    try {
+      w = std::stod(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size() || !(w > 0))
+      throw example::usage_error("--attention-weights '" + list + "': '" + item +
+                                 "' is not a weight > 0; expected numbers > 0 separated by commas, e.g. 500,50");
+    out.push_back(w);
+    start = end + 1;
+  }
+  return out;
+}
 
 // The compact VGGs: the layers whose outputs are matched are each stage's last ReLU (features
 // of the compact VGG with BatchNorm: conv, bn, relu [, pool] per convolution).
@@ -128,7 +154,8 @@ class Experiment {
     teacher->eval();
     const auto example = torch::zeros({2, 1, 28, 28});
     std::vector<double> out;
-    for (int method = 0; method < 4; ++method) {
+    const int methods = 3 + static_cast<int>(s_.attention.size());
+    for (int method = 0; method < methods; ++method) {
       torch::manual_seed(static_cast<std::int64_t>(seed));
       auto student = Pair::student();
       Learner learn = learner(student, seed);
@@ -141,8 +168,11 @@ class Experiment {
         std::vector<FeatureHint> hints;
         if (method == 2)
           hints.push_back(fitnet_hint(Pair::stage3, Pair::stage3));
-        else
-          hints = {attention_hint(Pair::stage2, Pair::stage2), attention_hint(Pair::stage3, Pair::stage3)};
+        else {
+          const double weight = s_.attention[static_cast<std::size_t>(method - 3)];
+          hints = {attention_hint(Pair::stage2, Pair::stage2, weight),
+                   attention_hint(Pair::stage3, Pair::stage3, weight)};
+        }
         FeatureDistillation fd(student, teacher, example, hints);
         learn.fit_one_cycle(s_.epochs, s_.lr, {kd, fd});  // after KD, which rescales the loss
       }
@@ -173,6 +203,8 @@ int main(int argc, char** argv) {
       .option("--test", s.test, "test images the accuracies are measured on")
       .option("--temperature", s.temperature, "temperature of the soft targets")
       .option("--alpha", s.alpha, "weight of the teacher's term in the distillation loss")
+      .option("--attention-weights", s.attention_weights,
+              "weights beta/2 of attention transfer, one row each, separated by commas")
       .option("--data", s.data_dir, "folder of the Fashion-MNIST IDX files")
       .flag("--quick", s.quick, "a smoke run: 1 seed, 1 epoch each, 1,000 training and test images");
   return cli.run(argc, argv, [&] {
@@ -184,11 +216,15 @@ int main(int argc, char** argv) {
           "--alpha in [0, 1]");
     if (s.model != "vgg" && s.model != "resnet")
       throw example::usage_error("--model '" + s.model + "' is not allowed; expected vgg or resnet");
+    s.attention = parse_weights(s.attention_weights);
     const bool resnet = s.model == "resnet";
     const Experiment experiment(s);
-    const std::vector<std::string> names{"student alone", "soft targets (KD)",
-                                         "KD + FitNet hint (stage 3, 1x1 adapter)",
-                                         "KD + attention transfer (stages 2, 3)"};
+    std::vector<std::string> names{"student alone", "soft targets (KD)", "KD + FitNet hint (stage 3, 1x1 adapter)"};
+    for (double w : s.attention) {
+      char label[96];
+      std::snprintf(label, sizeof label, "KD + attention transfer (stages 2, 3, β/2 = %g)", w);
+      names.push_back(label);
+    }
     std::vector<Row> rows;
     for (const auto& n : names) rows.push_back({n, {}});
     Row teacher{resnet ? ResNetPair::teacher_name : VggPair::teacher_name, {}};
