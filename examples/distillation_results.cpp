@@ -22,11 +22,14 @@
 //                        [--alpha 0.5] [--attention-weights 500[,50,...]] [--data PATH] [--quick]
 //
 // docs/toolbox.md has the tables and their reading.
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <fasterai/fasterai.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <iostream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "common/cli.hpp"
@@ -47,23 +50,19 @@ struct Settings {
   bool quick = false;
 };
 
-// "500,50" -> {500, 50}; every weight must be a number > 0.
+// "500,50" -> {500, 50}; every weight must be a finite number > 0 (an empty item, "inf" or a
+// trailing comma is refused, not skipped).
 std::vector<double> parse_weights(const std::string& list) {
   std::vector<double> out;
-  std::size_t start = 0;
-  while (start <= list.size()) {
-    const auto end = std::min(list.find(',', start), list.size());
-    const std::string item = list.substr(start, end - start);
-    std::size_t used = 0;
+  for (std::size_t start = 0; start <= list.size();) {
+    const std::size_t end = std::min(list.find(',', start), list.size());
+    const char *first = list.data() + start, *last = list.data() + end;
     double w = 0;
-    try {
-      w = std::stod(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size() || !(w > 0))
-      throw example::usage_error("--attention-weights '" + list + "': '" + item +
-                                 "' is not a weight > 0; expected numbers > 0 separated by commas, e.g. 500,50");
+    const auto [stop, error] = std::from_chars(first, last, w);
+    if (first == last || error != std::errc() || stop != last || !std::isfinite(w) || !(w > 0))
+      throw example::usage_error("--attention-weights '" + list + "': '" + std::string(first, last) +
+                                 "' is not a weight > 0; expected finite numbers > 0 separated by commas, "
+                                 "e.g. 500,50");
     out.push_back(w);
     start = end + 1;
   }
