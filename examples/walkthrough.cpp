@@ -7,13 +7,20 @@
 //   5. Pruner        remove the zeroed filters           (outputs unchanged)
 //   6. BNFolder      fold the BatchNorms                 (outputs unchanged)
 //   7. FCDecomposer  factorize the classifier (0.5), then a short fine-tune
-//   8. int8          static quantization (Calibrator, 16 training batches); with --qat-epochs N
-//                    also quantization-aware training for N epochs, then the same conversion
+//   8. deploy        compress_for_deployment, the library's one call for the path to a file:
+//                    what is left zeroed removed (nothing: step 5 did it), BatchNorms folded
+//                    (none left), the faster inference path chosen, int8 (static, traced,
+//                    16 training batches), the int8 model exported; its report compares fp32
+//                    and int8 at batch 1 and 32. With --qat-epochs N also quantization-aware
+//                    training for N epochs (QuantizationAwareTraining), then its conversion
 //
 // and a summary table, one row per stage: parameters, size, MACs, latency (batch 1) of the eager
 // model and of its optimized TorchScript export, eager latency at batch 32 (--large-batch), test
-// accuracy. The final fp32 model is exported to a TorchScript file that Python's torch.jit.load
-// runs.
+// accuracy. The int8 model is exported to a TorchScript file that Python's torch.jit.load runs.
+//
+// Steps 5 and 6 are the first steps of compress_for_deployment too; the walkthrough runs them
+// one by one so that its table shows what each does (the article's structure), then hands the
+// factorized, fine-tuned model to the call.
 //
 // The default run fits a time budget (--budget-minutes, 10): one training step is timed first,
 // and the training subset is sized so that every stage's epochs fit on this machine.
@@ -21,11 +28,11 @@
 //   walkthrough [--quick] [--epochs 3] [--sparsity 40] [--schedule cos] [--granularity filter]
 //               [--data /usr/share/datasets/fashion-mnist] ...   (--help lists them all)
 #include <fasterai/fasterai.hpp>
+#include <fasterai/compress.hpp>
 #include <fasterai/data/fashion_mnist.hpp>
 #include <fasterai/deploy/optimize.hpp>
 #include <fasterai/deploy/torchscript.hpp>
 #include <fasterai/dist/launched_job.hpp>
-#include <fasterai/quant/calibrator.hpp>
 #include <fasterai/quant/qat.hpp>
 #include <fasterai/transform/bn_folder.hpp>
 #include <fasterai/transform/fc_decomposer.hpp>
@@ -161,6 +168,17 @@ class Walkthrough {
     return *r;
   }
   const data::Batches& train_data() const { return train_; }
+  // The inputs of the first `count` training batches: what the int8 calibration observes.
+  std::vector<torch::Tensor> calibration_batches(std::size_t count) const {
+    std::vector<torch::Tensor> inputs;
+    train_.for_each([&](const torch::data::Example<>& batch) {
+      if (inputs.size() < count) inputs.push_back(batch.data);
+    });
+    return inputs;
+  }
+  LatencyOptions batch1_latency() const {
+    return LatencyOptions().warmup(a_.quick ? 5 : 20).runs(a_.quick ? 20 : 100).threads(a_.threads);
+  }
 
   void add(Row row) {
     rows_.push_back(std::move(row));
@@ -179,7 +197,7 @@ class Walkthrough {
   // MACs that pruning removes show.
   void measure_latencies() {
     const auto x = example();
-    const auto options = LatencyOptions().warmup(a_.quick ? 5 : 20).runs(a_.quick ? 20 : 100).threads(a_.threads);
+    const auto options = batch1_latency();
     const auto large = a_.large_batch > 0 ? torch::randn({a_.large_batch, 1, 28, 28}) : torch::Tensor();
     const auto large_options = LatencyOptions().warmup(a_.quick ? 2 : 5).runs(a_.quick ? 5 : 30).threads(a_.threads);
     for (int round = 0; round < a_.latency_rounds; ++round)
@@ -261,16 +279,6 @@ class Walkthrough {
       std::cout << (i == 0 ? "kept by " : "; ") << kept[i] << (i + 1 == kept.size() ? ".\n" : "");
   }
 
-  // The last fp32 stage as a TorchScript file (Python: torch.jit.load(path)(x)); one process
-  // writes it when several run the walkthrough (scripts/launch.sh).
-  void export_final(bool main_process) const {
-    if (a_.export_path.empty() || !main_process) return;
-    auto model = rows_[rows_.size() - 2].model;
-    to_torchscript(model, example()).save(a_.export_path);
-    std::cout << "\nExported the final fp32 model to " << a_.export_path
-              << " (Python: torch.jit.load(\"" << a_.export_path << "\")(x) for x of shape [N, 1, 28, 28])\n";
-  }
-
  private:
   const Args& a_;
   data::Batches train_, test_;
@@ -337,7 +345,7 @@ int main(int argc, char** argv) {
       .option("--batch-size", a.batch_size, "training batch size")
       .option("--train", a.train, "training images (a seeded random subset below 60000; 0: as many as the time budget allows)")
       .option("--budget-minutes", a.budget_minutes, "time budget of the default run; sizes the training subset when --train is 0")
-      .option("--export", a.export_path, "TorchScript file of the final model (empty: none)")
+      .option("--export", a.export_path, "TorchScript file of the int8 model (empty: none)")
       .option("--calibration-batches", a.calibration_batches, "int8: training batches the calibration observes")
       .option("--qat-epochs", a.qat_epochs, "int8: epochs of quantization-aware training after the static stage (0: none)")
       .option("--qat-lr", a.qat_lr, "int8: learning rate of quantization-aware training (constant)")
@@ -409,11 +417,28 @@ int main(int argc, char** argv) {
     final_learn.fit_one_cycle(a.finetune_epochs, a.finetune_lr);
     w.record("factorized + fine-tuned", factorized, final_learn);
 
-    w.title("8. int8: static quantization, calibrated on " + std::to_string(a.calibration_batches) +
-            " training batches");
-    Calibrator calibrator(factorized);
-    calibrator.observe(w.train_data(), a.calibration_batches);
-    w.record_int8("int8 (static)", calibrator.convert(), w.last_fp32());
+    w.title("8. Deploy: compress_for_deployment(target 0) with int8 calibrated on " +
+            std::to_string(a.calibration_batches) + " training batches");
+    // target 0: training's zeros are already removed (step 5); the call finds none left, no
+    // BatchNorm to fold, chooses the inference path, quantizes, exports and reports. One process
+    // writes the file when several run the walkthrough (scripts/launch.sh).
+    const std::string export_path = job.is_main() ? a.export_path : "";
+    std::vector<std::int64_t> report_batches{1};
+    if (a.large_batch > 1) report_batches.push_back(a.large_batch);
+    const auto deployed = compress_for_deployment(
+        factorized, Walkthrough::example(),
+        CompressOptions()
+            .target(0)
+            .int8(true)
+            .calibration(w.calibration_batches(a.calibration_batches))
+            .export_path(export_path)
+            .latency_batches(report_batches)
+            .latency(w.batch1_latency()));
+    std::cout << deployed.report;
+    w.record_int8("int8 (static)", torch::nn::Sequential(TorchScriptModule(*deployed.int8)), w.last_fp32());
+    if (!export_path.empty())
+      std::cout << "\nExported the int8 model to " << export_path << " (Python: torch.jit.load(\"" << export_path
+                << "\")(x) for x of shape [N, 1, 28, 28])\n";
     if (a.qat_epochs > 0) {
       w.title("8b. int8: quantization-aware training, " + std::to_string(a.qat_epochs) +
               " epoch(s) at a constant " + std::to_string(a.qat_lr) + ", then the same conversion");
@@ -426,7 +451,6 @@ int main(int argc, char** argv) {
     std::cout << "\n### Latency: " << a.latency_rounds << " interleaved rounds over the stages\n";
     w.measure_latencies();
     w.summary();
-    w.export_final(job.is_main());
     std::cout << "\nTotal time: " << std::fixed << std::setprecision(0)
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()
               << " s\n";

@@ -129,6 +129,15 @@ inline std::ostream& operator<<(std::ostream& out, const CompressReport& r) {
         l.original_ms / l.compressed_ms);
     if (r.int8) row("  int8, batch " + std::to_string(l.batch), ms(l.original_ms), ms(l.int8_ms), l.original_ms / l.int8_ms);
   }
+  // int8 is not faster everywhere: at batch 1 a small network can lose to fp32 (the quantize,
+  // dequantize and kernel-call costs do not shrink with the batch), so say which to serve.
+  if (r.int8 && !r.latency.empty()) {
+    out << "faster of fp32 and int8:";
+    for (const auto& l : r.latency)
+      out << " batch " << l.batch << ": " << (l.int8_ms < l.compressed_ms ? "int8" : "fp32") << " ("
+          << std::max(l.int8_ms, l.compressed_ms) / std::min(l.int8_ms, l.compressed_ms) << "x)"
+          << (&l == &r.latency.back() ? "\n" : ";");
+  }
   out << std::defaultfloat << "channels removed: " << r.channels_removed << ", BatchNorms folded: "
       << r.batch_norms_folded << ", max difference to the masked model: " << r.max_difference
       << "\ninference path: " << r.inference << "\n";
@@ -160,13 +169,6 @@ inline torch::Tensor batch_of(const torch::Tensor& example, std::int64_t batch) 
   repeats[0] = batch;
   return example.narrow(0, 0, 1).repeat(repeats);
 }
-
-// The int8 TorchScript module as a module, for measure_latency.
-struct ScriptForward : torch::nn::Module {
-  explicit ScriptForward(torch::jit::Module m) : module(std::move(m)) {}
-  torch::Tensor forward(const torch::Tensor& x) { return module.forward({x}).toTensor(); }
-  torch::jit::Module module;
-};
 
 // Checks that `path` can be written, by creating (then removing) the temporary file the export
 // will go through; returns that temporary name.
@@ -275,7 +277,7 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
   // Original and compressed alternately, round by round, so that a slow phase of a shared
   // machine hits both; the median of the rounds' medians.
   auto& original = const_cast<impl_of_t<Model>&>(detail::impl(model));
-  std::optional<detail::ScriptForward> int8_module;
+  std::optional<TorchScriptModule> int8_module;
   if (result.int8) int8_module.emplace(*result.int8);
   for (const auto batch : options.latency_batches()) {
     const torch::Tensor x = detail::batch_of(example, batch);

@@ -277,4 +277,18 @@ torch::jit::Module to_torchscript(Model& model, const torch::Tensor& example_inp
   return exported;
 }
 
+// A TorchScript module (an export, a traced int8 graph) behind torch::nn::Module's interface:
+// `forward(x)` runs it, so measure_latency, a Learner's validation and a Sequential take it like
+// the model it came from. It has no parameters (its tensors live in the jit::Module).
+class TorchScriptModuleImpl : public torch::nn::Module {
+ public:
+  explicit TorchScriptModuleImpl(torch::jit::Module module) : module_(std::move(module)) {}
+  torch::Tensor forward(const torch::Tensor& x) { return module_.forward({x}).toTensor(); }
+  torch::jit::Module& module() { return module_; }
+
+ private:
+  torch::jit::Module module_;
+};
+TORCH_MODULE(TorchScriptModule);
+
 }  // namespace fasterai
