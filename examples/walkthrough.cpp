@@ -153,11 +153,14 @@ class Walkthrough {
 
   // An int8 stage: the weights and MACs of the fp32 model it quantizes (its weights are int8
   // buffers, not parameters), its own size and accuracy; no optimized column (the int8 kernels
-  // are what runs).
-  void record_int8(const std::string& stage, torch::nn::Sequential int8, const Row& fp32) {
+  // are what runs). `bytes`: its size where model_size_bytes cannot count it (a TorchScript
+  // module's tensors: the size of its file).
+  void record_int8(const std::string& stage, torch::nn::Sequential int8, const Row& fp32,
+                   std::optional<std::int64_t> bytes = std::nullopt) {
     const double accuracy = Learner(int8, train_, test_, LearnerOptions().seed(a_.seed)).validate().metric("accuracy");
     int8->eval();
-    add(Row{stage, fp32.parameters, model_size_bytes(int8), fp32.macs, accuracy, int8, std::nullopt, {}, {}, {}});
+    add(Row{stage, fp32.parameters, bytes.value_or(model_size_bytes(int8)), fp32.macs, accuracy, int8, std::nullopt,
+            {}, {}, {}});
   }
 
   const Row& last() const { return rows_.back(); }
@@ -435,7 +438,8 @@ int main(int argc, char** argv) {
             .latency_batches(report_batches)
             .latency(w.batch1_latency()));
     std::cout << deployed.report;
-    w.record_int8("int8 (static)", torch::nn::Sequential(TorchScriptModule(*deployed.int8)), w.last_fp32());
+    w.record_int8("int8 (static)", torch::nn::Sequential(TorchScriptModule(*deployed.int8)), w.last_fp32(),
+                  deployed.report.int8_bytes);
     if (!export_path.empty())
       std::cout << "\nExported the int8 model to " << export_path << " (Python: torch.jit.load(\"" << export_path
                 << "\")(x) for x of shape [N, 1, 28, 28])\n";

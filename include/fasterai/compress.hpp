@@ -102,6 +102,10 @@ struct CompressReport {
   std::vector<BatchLatency> latency;
   OptimizeReport inference;  // step 4: the path `inference` runs and what it measured
   bool int8 = false;
+  // The int8 module's size as a file: serialized as export_path gets it (int8 weights, their
+  // scales, fp32 biases, and the graph's code). Its tensors are not parameters or buffers of a
+  // torch::nn::Module, so model_size_bytes cannot count them; 0 without int8.
+  std::int64_t int8_bytes = 0;
   std::string exported;      // the file written, or empty
 };
 
@@ -124,6 +128,9 @@ inline std::ostream& operator<<(std::ostream& out, const CompressReport& r) {
       double(r.macs_before) / double(r.macs_after));
   row("size (bytes)", with_thousands(r.bytes_before), with_thousands(r.bytes_after),
       double(r.bytes_before) / double(r.bytes_after));
+  if (r.int8)
+    row("  int8 file (bytes)", with_thousands(r.bytes_before), with_thousands(r.int8_bytes),
+        double(r.bytes_before) / double(r.int8_bytes));
   for (const auto& l : r.latency) {
     row("latency, batch " + std::to_string(l.batch), ms(l.original_ms), ms(l.compressed_ms),
         l.original_ms / l.compressed_ms);
@@ -272,6 +279,9 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
   if (options.int8()) {
     result.int8 = quantize_traced(copy, example, options.calibration());
     report.int8 = true;
+    std::ostringstream file;
+    result.int8->save(file);
+    report.int8_bytes = static_cast<std::int64_t>(file.str().size());
   }
 
   // Original and compressed alternately, round by round, so that a slow phase of a shared

@@ -181,12 +181,16 @@ TEST_CASE("compress_for_deployment: int8 calibrates, times and exports the quant
   CHECK(relative_difference(int8, fp32) > 0);
   auto loaded = torch::jit::load(file.string());
   CHECK(torch::allclose(loaded.forward({x}).toTensor(), int8));
+  // Its size is the file's: the int8 tensors are no module's parameters or buffers.
+  CHECK(r.int8_bytes == static_cast<std::int64_t>(std::filesystem::file_size(file)));
+  CHECK(r.int8_bytes < r.bytes_after);
 
   // The report says which of fp32 and int8 to serve at each batch size, from its own timings.
   std::ostringstream text;
   text << r;
   const std::string faster = r.latency[0].int8_ms < r.latency[0].compressed_ms ? "int8" : "fp32";
   CHECK(text.str().find("faster of fp32 and int8: batch 2: " + faster + " (") != std::string::npos);
+  CHECK(text.str().find("int8 file (bytes)") != std::string::npos);
 
   // The int8 module behind a module interface: what the walkthrough's table times and validates.
   TorchScriptModule held(*result.int8);
