@@ -170,7 +170,6 @@ class Walkthrough {
     while (r->stage.rfind("int8", 0) == 0 && std::next(r) != rows_.rend()) ++r;
     return *r;
   }
-  const data::Batches& train_data() const { return train_; }
   // The inputs of the first `count` training batches: what the int8 calibration observes.
   std::vector<torch::Tensor> calibration_batches(std::size_t count) const {
     std::vector<torch::Tensor> inputs;

@@ -276,12 +276,14 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
 
   result.inference = optimize_for_inference(copy, example, options.optimize());
   report.inference = result.inference->report();
+  std::string int8_file;  // the int8 module serialized once: its size and, with export_path, the file
   if (options.int8()) {
     result.int8 = quantize_traced(copy, example, options.calibration());
     report.int8 = true;
-    std::ostringstream file;
-    result.int8->save(file);
-    report.int8_bytes = static_cast<std::int64_t>(file.str().size());
+    std::ostringstream serialized;
+    result.int8->save(serialized);
+    int8_file = std::move(serialized).str();
+    report.int8_bytes = static_cast<std::int64_t>(int8_file.size());
   }
 
   // Original and compressed alternately, round by round, so that a slow phase of a shared
@@ -306,8 +308,14 @@ Compressed<Model> compress_for_deployment(const Model& model, const torch::Tenso
 
   if (temporary) {
     try {
-      if (result.int8) result.int8->save(temporary->string());
-      else to_torchscript(copy, example).save(temporary->string());
+      if (result.int8) {
+        std::ofstream out(*temporary, std::ios::binary);
+        out.write(int8_file.data(), static_cast<std::streamsize>(int8_file.size()));
+        out.close();
+        check_argument(out.good(), where, "export_path", options.export_path(), "a file that can be written in full");
+      } else {
+        to_torchscript(copy, example).save(temporary->string());
+      }
       std::filesystem::rename(*temporary, options.export_path());
     } catch (...) {
       std::error_code ignored;
