@@ -203,18 +203,10 @@ TEST_CASE("compress_for_deployment: int8 calibrates, times and exports the quant
   if (deploy_test::python().empty()) FASTERAI_SKIP("python3 with torch not found: Python's torch.jit.load not tried");
   const auto xs = torch::randn({3, 1, 28, 28});
   const auto expected = result.int8->forward({xs}).toTensor();
-  deploy_test::write_text(dir / "x.txt", xs);
-  const int status = deploy_test::run_python(dir, R"(
-import torch
-m = torch.jit.load('int8.pt')
-x = torch.tensor([float(v) for v in open('x.txt').read().split()]).view(3, 1, 28, 28)
-with torch.no_grad():
-    y = m(x)
-open('y.txt', 'w').write(' '.join('%.9g' % v for v in y.flatten().tolist()))
-)");
+  const auto python = deploy_test::python_forward(dir, "int8.pt", xs);
   INFO(deploy_test::log(dir));
-  REQUIRE(status == 0);
-  const auto y = deploy_test::read_text(dir / "y.txt").view(expected.sizes());
+  REQUIRE(python.status == 0);
+  const auto y = python.output.view(expected.sizes());
   // Python may pack the weights for another int8 engine (its default), whose rounding can move
   // an output by a quantization step; the same model within that.
   CHECK(relative_difference(y, expected) < 0.05);

@@ -61,6 +61,29 @@ inline int run_python(const TempDir& dir, const std::string& script) {
   return std::system(cmd.c_str());
 }
 
+// Python's torch.jit.load of dir/`file`, called on `x` without gradients; `more` runs after it,
+// with the module as `m` (what it prints goes to the log). The exit status, and the output as a
+// flat tensor (undefined when the script failed).
+struct PythonForward {
+  int status;
+  torch::Tensor output;
+};
+inline PythonForward python_forward(const TempDir& dir, const std::string& file, const torch::Tensor& x,
+                                    const std::string& more = "") {
+  write_text(dir / "x.txt", x);
+  std::ostringstream shape;
+  for (const auto size : x.sizes()) shape << size << ", ";
+  const int status = run_python(dir, "import torch\n"
+                                     "m = torch.jit.load('" + file + "')\n"
+                                     "x = torch.tensor([float(v) for v in open('x.txt').read().split()]).view(" +
+                                         shape.str() + ")\n"
+                                     "with torch.no_grad():\n"
+                                     "    y = m(x)\n"
+                                     "open('y.txt', 'w').write(' '.join('%.9g' % v for v in y.flatten().tolist()))\n" +
+                                         more);
+  return {status, status == 0 ? read_text(dir / "y.txt") : torch::Tensor()};
+}
+
 inline std::string log(const TempDir& dir) {
   std::ifstream f(dir / "python.log");
   std::stringstream s;

@@ -146,19 +146,11 @@ TEST_CASE("to_torchscript: saved and loaded by LibTorch and by Python, same outp
   if (deploy_test::python().empty()) {
     FASTERAI_SKIP("python3 with torch not found: Python's torch.jit.load not tried");
   }
-  deploy_test::write_text(dir / "x.txt", x);
-  const int status = deploy_test::run_python(dir, R"(
-import torch
-m = torch.jit.load('model.pt')
-x = torch.tensor([float(v) for v in open('x.txt').read().split()]).view(2, 3, 10, 10)
-with torch.no_grad():
-    y = m(x)
-open('y.txt', 'w').write(' '.join('%.9g' % v for v in y.flatten().tolist()))
-print(sorted(dict(m.named_parameters()).keys()))
-)");
+  const auto python =
+      deploy_test::python_forward(dir, "model.pt", x, "print(sorted(dict(m.named_parameters()).keys()))\n");
   INFO(deploy_test::log(dir));
-  REQUIRE(status == 0);
-  const auto y = deploy_test::read_text(dir / "y.txt").view(expected.sizes());
+  REQUIRE(python.status == 0);
+  const auto y = python.output.view(expected.sizes());
   CHECK(torch::allclose(y, expected, 1e-6, 1e-7));
   CHECK(deploy_test::log(dir).find("'stem.weight'") != std::string::npos);
 }

@@ -124,8 +124,9 @@ TEST_CASE("traced quantization: BatchNorm folding on the graph is exact on rando
     const double error = relative_error(folded_out, fp32_out);
     // Which side went wrong, if one did: CI once saw NaN here on LibTorch 2.6 (seed 9011), which
     // 40 reruns of this test and 1,000 rounds of that network's export, fold and run did not
-    // reproduce. (Not by running the graph again: Debian's 2.6 compiles a second run with its
-    // CPU fuser, which hangs on the folded graph of seed 9000; docs/libtorch2.md.)
+    // reproduce. (Not by running the graph again: a second call compiles it with the CPU fuser
+    // of a LibTorch built with LLVM, Debian's 2.6, which hangs on the folded graph of seed 9000;
+    // core/libtorch_version.hpp.)
     INFO("finite: folded graph " << torch::isfinite(folded_out).all().item<bool>() << ", fp32 model "
                                  << torch::isfinite(fp32_out).all().item<bool>());
     CHECK(error <= 1e-5);
